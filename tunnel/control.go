@@ -1,0 +1,121 @@
+package tunnel
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+)
+
+// Hello is the first control message an agent sends after Dial. Later
+// messages on the control stream are Hellos too, each replacing the previous
+// one (e.g. when the exposed resources change).
+type Hello struct {
+	// Name is the agent's name. Informational: the certificate is
+	// authoritative and the gateway must not trust this field.
+	Name string `json:"name"`
+	// Instance is random per agent process and stable across its reconnects
+	// and renewals, so the gateway can tell a replacement session of the same
+	// process (make-before-break) from a second process with the same name.
+	Instance string `json:"instance"`
+	// Version is the agent's software version.
+	Version string `json:"version"`
+	// Resources lists the names the agent exposes.
+	Resources []string `json:"resources"`
+}
+
+// Control frames JSON messages on a KindControl stream: each message is a
+// 4-byte big-endian length followed by that many bytes of JSON (PROTOCOL.md,
+// "Control stream"). Send and Recv may be called concurrently with each other;
+// concurrent Sends are serialised.
+type Control struct {
+	st  *Stream
+	max int
+	wmu sync.Mutex
+	rmu sync.Mutex
+}
+
+// OpenControl opens the control stream; the dialing side calls it right after
+// Dial.
+func (s *Session) OpenControl(ctx context.Context) (*Control, error) {
+	st, err := s.OpenStream(ctx, Header{Version: ProtocolVersion, Kind: KindControl})
+	if err != nil {
+		return nil, err
+	}
+	return st.Control(), nil
+}
+
+// Control returns the message framing for a KindControl stream. On an accepted
+// stream call Reply(StatusOK, "") first.
+func (st *Stream) Control() *Control {
+	st.ctlOnce.Do(func() {
+		st.ctl = &Control{st: st, max: st.sess.cfg.MaxControlMessageSize}
+	})
+	return st.ctl
+}
+
+// Stream is the underlying stream.
+func (c *Control) Stream() *Stream { return c.st }
+
+// Send writes one message. A peer that does not read it within
+// ConnectionWriteTimeout makes Send fail.
+func (c *Control) Send(v any) error {
+	body, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("control send: encode: %w", err)
+	}
+	if len(body) > c.max {
+		return fmt.Errorf("control send: %w: %d bytes, limit %d", ErrControlTooLarge, len(body), c.max)
+	}
+	msg := make([]byte, 4, 4+len(body))
+	binary.BigEndian.PutUint32(msg, uint32(len(body)))
+	msg = append(msg, body...)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := c.st.SetWriteDeadline(time.Now().Add(c.st.sess.cfg.ConnectionWriteTimeout)); err != nil {
+		return fmt.Errorf("control send: %w", err)
+	}
+	if _, err := c.st.Write(msg); err != nil {
+		return fmt.Errorf("control send: %w", err)
+	}
+	return nil
+}
+
+// Recv reads one message into v (unknown JSON fields are ignored, so newer
+// peers may add fields). It blocks until a message arrives; it returns io.EOF
+// when the peer closed the control stream cleanly, and an error matching
+// ErrControlTooLarge (after which the stream is unusable) for an oversized one.
+func (c *Control) Recv(v any) error {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	var p [4]byte
+	if _, err := io.ReadFull(c.st, p[:]); err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return fmt.Errorf("control recv: truncated message length: %w", err)
+		}
+		if err == io.EOF {
+			return io.EOF
+		}
+		return fmt.Errorf("control recv: %w", err)
+	}
+	n := binary.BigEndian.Uint32(p[:])
+	if n > uint32(c.max) {
+		c.st.Close()
+		return fmt.Errorf("control recv: %w: %d bytes, limit %d", ErrControlTooLarge, n, c.max)
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(c.st, body); err != nil {
+		return fmt.Errorf("control recv: truncated message: %w", err)
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return fmt.Errorf("control recv: decode: %w", err)
+	}
+	return nil
+}
+
+// Close closes the control stream.
+func (c *Control) Close() error { return c.st.Close() }

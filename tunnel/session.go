@@ -1,0 +1,477 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/yamux"
+)
+
+// DialConfig says where and how to Dial.
+type DialConfig struct {
+	// Addr is the gateway's host:port.
+	Addr string
+	// TLS is the client configuration, normally from ClientTLSConfig. Its
+	// NextProtos[0] is the ALPN protocol the server must select.
+	TLS *tls.Config
+	// Config holds the session knobs; a zero Config means DefaultConfig().
+	Config Config
+	// Dialer is optional; nil means a net.Dialer with a 30 s keepalive.
+	Dialer *net.Dialer
+}
+
+// Dial connects to a gateway: TCP, then a TLS 1.3 handshake bounded by
+// Config.HandshakeTimeout (and ctx), then checks the negotiated version and
+// ALPN, then starts the yamux client session.
+func Dial(ctx context.Context, dc DialConfig) (*Session, error) {
+	cfg := dc.Config
+	if cfg == (Config{}) {
+		cfg = DefaultConfig()
+	}
+	if err := cfg.Verify(); err != nil {
+		return nil, fmt.Errorf("dial %s: %w", dc.Addr, err)
+	}
+	if dc.TLS == nil || len(dc.TLS.NextProtos) == 0 {
+		return nil, fmt.Errorf("dial %s: TLS config with an ALPN protocol is required (use ClientTLSConfig)", dc.Addr)
+	}
+	d := dc.Dialer
+	if d == nil {
+		d = &net.Dialer{KeepAlive: 30 * time.Second}
+	}
+	hctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
+	defer cancel()
+	raw, err := d.DialContext(hctx, "tcp", dc.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", dc.Addr, err)
+	}
+	tcfg := dc.TLS.Clone()
+	if tcfg.ServerName == "" {
+		if host, _, err := net.SplitHostPort(dc.Addr); err == nil {
+			tcfg.ServerName = host
+		}
+	}
+	conn := tls.Client(raw, tcfg)
+	if err := conn.HandshakeContext(hctx); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("dial %s: TLS handshake: %w", dc.Addr, err)
+	}
+	if err := checkConn(conn.ConnectionState(), tcfg.NextProtos[:1]); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("dial %s: %w", dc.Addr, err)
+	}
+	s, err := newSession(conn, cfg, true)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("dial %s: %w", dc.Addr, err)
+	}
+	return s, nil
+}
+
+// Server starts the gateway side of a session on conn. The gateway's ALPN
+// router normally hands over a connection whose handshake (and certificate
+// verification, by the router's tls.Config) is complete; if it is not, Server
+// runs the handshake bounded by cfg.HandshakeTimeout. Server then requires TLS
+// 1.3, a tunnel ALPN (ALPNAgent or ALPNClient) and a peer certificate; on any
+// failure it closes conn. A zero cfg means DefaultConfig().
+func Server(conn *tls.Conn, cfg Config) (*Session, error) {
+	if cfg == (Config{}) {
+		cfg = DefaultConfig()
+	}
+	if err := cfg.Verify(); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("tunnel server %s: %w", conn.RemoteAddr(), err)
+	}
+	if !conn.ConnectionState().HandshakeComplete {
+		ctx, cancel := context.WithTimeout(context.Background(), cfg.HandshakeTimeout)
+		err := conn.HandshakeContext(ctx)
+		cancel()
+		if err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("tunnel server %s: TLS handshake: %w", conn.RemoteAddr(), err)
+		}
+	}
+	if err := checkConn(conn.ConnectionState(), []string{ALPNAgent, ALPNClient}); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("tunnel server %s: %w", conn.RemoteAddr(), err)
+	}
+	// The router may have left a handshake deadline on the connection.
+	if err := conn.SetDeadline(time.Time{}); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("tunnel server %s: %w", conn.RemoteAddr(), err)
+	}
+	s, err := newSession(conn, cfg, false)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("tunnel server %s: %w", conn.RemoteAddr(), err)
+	}
+	return s, nil
+}
+
+func checkConn(cs tls.ConnectionState, alpns []string) error {
+	if cs.Version != tls.VersionTLS13 {
+		return fmt.Errorf("%w (negotiated %s)", ErrTLSVersion, tls.VersionName(cs.Version))
+	}
+	ok := false
+	for _, p := range alpns {
+		if cs.NegotiatedProtocol == p {
+			ok = true
+		}
+	}
+	if !ok {
+		return fmt.Errorf("%w: want %q, got %q", ErrALPN, alpns, cs.NegotiatedProtocol)
+	}
+	if len(cs.PeerCertificates) == 0 {
+		return ErrNoPeerCertificate
+	}
+	return nil
+}
+
+// Session is one tunnel connection: a TLS 1.3 connection carrying a yamux
+// session. It is safe for concurrent use.
+type Session struct {
+	ys     *yamux.Session
+	conn   *tls.Conn
+	cfg    Config
+	log    *slog.Logger
+	client bool
+	cs     tls.ConnectionState
+
+	rejected atomic.Uint64 // streams refused because their header was bad
+
+	errMu sync.Mutex
+	err   error // why we closed the session, if we did
+
+	kaMu      sync.Mutex
+	kaTimer   *time.Timer
+	kaStopped bool
+	kaWG      sync.WaitGroup
+}
+
+func newSession(conn *tls.Conn, cfg Config, client bool) (*Session, error) {
+	s := &Session{
+		conn:   conn,
+		cfg:    cfg,
+		log:    cfg.logger().With("remote", conn.RemoteAddr().String()),
+		client: client,
+		cs:     conn.ConnectionState(),
+	}
+	wc := &frameConn{Conn: conn, timeout: cfg.ConnectionWriteTimeout}
+	var err error
+	if client {
+		s.ys, err = yamux.Client(wc, cfg.yamuxConfig())
+	} else {
+		s.ys, err = yamux.Server(wc, cfg.yamuxConfig())
+	}
+	if err != nil {
+		return nil, fmt.Errorf("start yamux: %w", err)
+	}
+	s.kaTimer = time.AfterFunc(cfg.KeepAliveInterval, s.keepalive)
+	return s, nil
+}
+
+// keepalive runs from a timer rather than a dedicated goroutine, so an idle
+// session costs no stack for it. A ping that is not answered within
+// ConnectionWriteTimeout closes the session.
+func (s *Session) keepalive() {
+	s.kaMu.Lock()
+	if s.kaStopped {
+		s.kaMu.Unlock()
+		return
+	}
+	s.kaWG.Add(1)
+	s.kaMu.Unlock()
+	defer s.kaWG.Done()
+
+	if _, err := s.ys.Ping(); err != nil {
+		if !s.ys.IsClosed() {
+			s.log.Warn("tunnel peer stopped answering keepalives; closing the session", "err", err)
+			s.closeWith(ErrKeepaliveTimeout)
+		}
+		return
+	}
+	s.kaMu.Lock()
+	if !s.kaStopped {
+		s.kaTimer.Reset(s.cfg.KeepAliveInterval)
+	}
+	s.kaMu.Unlock()
+}
+
+// closeWith records why the session ends and closes it.
+func (s *Session) closeWith(reason error) {
+	s.errMu.Lock()
+	if s.err == nil {
+		s.err = reason
+	}
+	s.errMu.Unlock()
+	s.Close()
+}
+
+// Err says why the session ended (nil while it is open): ErrKeepaliveTimeout,
+// ErrWriteTimeout, or ErrSessionClosed for a close by either side.
+func (s *Session) Err() error {
+	if !s.ys.IsClosed() {
+		return nil
+	}
+	s.errMu.Lock()
+	defer s.errMu.Unlock()
+	if s.err != nil {
+		return s.err
+	}
+	return ErrSessionClosed
+}
+
+// Close ends the session and every stream on it. It waits for the session's
+// goroutines to finish. Safe to call more than once.
+func (s *Session) Close() error {
+	s.kaMu.Lock()
+	s.kaStopped = true
+	s.kaTimer.Stop()
+	s.kaMu.Unlock()
+	err := s.ys.Close()
+	s.kaWG.Wait()
+	return err
+}
+
+// Done is closed when the session ends, whichever side ended it.
+func (s *Session) Done() <-chan struct{} { return s.ys.CloseChan() }
+
+// GoAway tells the peer to open no new streams on this session (its
+// OpenStream fails with ErrGoAway) and makes this side refuse any the peer
+// still opens. Streams already open continue: this is how a session drains
+// while a newer one takes over (make-before-break).
+func (s *Session) GoAway() error {
+	if err := s.ys.GoAway(); err != nil {
+		return fmt.Errorf("tunnel go away: %w", mapErr(err))
+	}
+	return nil
+}
+
+// NumStreams is the number of streams currently open (including ones this
+// side closed while the peer has not finished yet).
+func (s *Session) NumStreams() int { return s.ys.NumStreams() }
+
+// RejectedStreams counts streams this side refused because their header was
+// malformed, oversized, truncated, of an unknown version, or late.
+func (s *Session) RejectedStreams() uint64 { return s.rejected.Load() }
+
+// ConnectionState is the TLS state of the connection (peer certificates,
+// ALPN, version, cipher), captured after the handshake.
+func (s *Session) ConnectionState() tls.ConnectionState { return s.cs }
+
+// RemoteAddr is the peer's network address.
+func (s *Session) RemoteAddr() net.Addr { return s.conn.RemoteAddr() }
+
+// LocalAddr is this side's network address.
+func (s *Session) LocalAddr() net.Addr { return s.conn.LocalAddr() }
+
+// Ping measures one round trip over the session.
+func (s *Session) Ping() (time.Duration, error) {
+	d, err := s.ys.Ping()
+	if err != nil {
+		return 0, fmt.Errorf("tunnel ping: %w", mapErr(err))
+	}
+	return d, nil
+}
+
+// OpenStream opens a stream, sends h and waits for the peer's reply, bounded
+// by ctx and Config.StreamOpenTimeout. A reply other than StatusOK comes back
+// as a *ReplyError (errors.Is(err, ErrDialFailed) etc.) and the stream is
+// closed. On success the stream is ready for payload.
+func (s *Session) OpenStream(ctx context.Context, h Header) (*Stream, error) {
+	if h.Version == 0 {
+		h.Version = ProtocolVersion
+	}
+	hdr, err := appendHeader(nil, h, s.cfg.MaxHeaderSize)
+	if err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("open %s stream: %w", h.Kind, err)
+	}
+	ys, err := s.ys.OpenStream()
+	if err != nil {
+		return nil, fmt.Errorf("open %s stream: %w", h.Kind, mapErr(err))
+	}
+	st := newStream(s, ys, h, false)
+	deadline := time.Now().Add(s.cfg.StreamOpenTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	ys.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { ys.SetDeadline(time.Unix(1, 0)) })
+	status, reason, err := func() (Status, string, error) {
+		if _, err := ys.Write(hdr); err != nil {
+			return 0, "", st.fail(err)
+		}
+		return readReply(ys)
+	}()
+	stop()
+	if err != nil {
+		st.Close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("open %s stream: %w", h.Kind, ctx.Err())
+		}
+		return nil, fmt.Errorf("open %s stream: %w", h.Kind, mapErr(err))
+	}
+	if status != StatusOK {
+		st.Close()
+		return nil, &ReplyError{Status: status, Reason: reason}
+	}
+	ys.SetDeadline(time.Time{})
+	return st, nil
+}
+
+// AcceptStream waits for the peer to open a stream and reads its header
+// (bounded by Config.HandshakeTimeout). The caller must answer with
+// st.Reply before writing payload. A stream whose header is malformed,
+// oversized, truncated, late or of an unknown version is answered with
+// StatusRefused and a reason, closed, counted in RejectedStreams and logged;
+// AcceptStream then waits for the next one, so one bad stream never ends the
+// caller's accept loop. It returns an error only when ctx ends or the session
+// closes (errors.Is(err, ErrSessionClosed)).
+//
+// Headers are read one stream at a time: a peer that opens a stream and then
+// stalls delays its own next streams by at most HandshakeTimeout, and nobody
+// else's.
+func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
+	for {
+		ys, err := s.ys.AcceptStreamWithContext(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return nil, fmt.Errorf("accept stream: %w", mapErr(err))
+		}
+		ys.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+		stop := context.AfterFunc(ctx, func() { ys.SetReadDeadline(time.Unix(1, 0)) })
+		h, err := readHeader(ys, s.cfg.MaxHeaderSize)
+		stop()
+		if err != nil {
+			if ctx.Err() != nil {
+				ys.Close()
+				return nil, ctx.Err()
+			}
+			s.reject(ys, err)
+			continue
+		}
+		ys.SetReadDeadline(time.Time{})
+		return newStream(s, ys, h, true), nil
+	}
+}
+
+// reject answers a stream whose header could not be read and closes it.
+func (s *Session) reject(ys *yamux.Stream, err error) {
+	s.rejected.Add(1)
+	if s.ys.IsClosed() {
+		ys.Close()
+		return
+	}
+	err = mapErr(err)
+	s.log.Warn("refused tunnel stream", "stream", ys.StreamID(), "err", err)
+	ys.SetWriteDeadline(time.Now().Add(s.cfg.ConnectionWriteTimeout))
+	if _, werr := ys.Write(appendReply(nil, StatusRefused, err.Error())); werr != nil {
+		s.writeFailed(werr)
+	}
+	ys.Close()
+}
+
+// writeFailed closes the whole session when a write failed for a reason other
+// than a stream deadline or a closed stream: after a connection write timeout
+// the peer may wait forever for bytes that were dropped (yamux #142).
+func (s *Session) writeFailed(err error) {
+	if errors.Is(err, yamux.ErrConnectionWriteTimeout) {
+		s.log.Warn("tunnel connection write timed out; closing the session", "timeout", s.cfg.ConnectionWriteTimeout)
+		s.closeWith(ErrWriteTimeout)
+	}
+}
+
+// mapErr turns yamux errors into this package's sentinels.
+func mapErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, yamux.ErrSessionShutdown):
+		return ErrSessionClosed
+	case errors.Is(err, yamux.ErrConnectionReset):
+		return ErrStreamReset
+	case errors.Is(err, yamux.ErrRemoteGoAway):
+		return ErrGoAway
+	case errors.Is(err, yamux.ErrStreamClosed):
+		return net.ErrClosed
+	case errors.Is(err, yamux.ErrConnectionWriteTimeout):
+		return ErrWriteTimeout
+	case errors.Is(err, yamux.ErrTimeout):
+		return timeoutError{}
+	case errors.Is(err, yamux.ErrKeepAliveTimeout):
+		return ErrKeepaliveTimeout
+	}
+	return err
+}
+
+// timeoutError is a deadline expiry: net.Error with Timeout() true and
+// errors.Is(err, os.ErrDeadlineExceeded).
+type timeoutError struct{}
+
+func (timeoutError) Error() string   { return "tunnel stream: i/o deadline reached" }
+func (timeoutError) Timeout() bool   { return true }
+func (timeoutError) Temporary() bool { return true }
+func (timeoutError) Is(target error) bool {
+	return target == os.ErrDeadlineExceeded
+}
+
+// frameConn is what yamux writes to. It bounds every write with a deadline
+// (a peer that stops reading fails the session within ConnectionWriteTimeout
+// instead of pinning yamux's send loop forever), and it joins each 12-byte
+// yamux data-frame header with the frame's body so that header and payload
+// leave in one TLS record and one syscall instead of two.
+//
+// Only yamux's single send goroutine calls Write, so no lock is needed.
+type frameConn struct {
+	net.Conn
+	timeout  time.Duration
+	deadline time.Time // the write deadline currently set
+	held     []byte    // a data-frame header waiting for its body
+	buf      []byte
+}
+
+const yamuxHeaderLen = 12
+
+func (c *frameConn) Write(p []byte) (int, error) {
+	// Refresh the deadline only when half of it has been used: it bounds a
+	// stall, not each write, and resetting it per frame costs measurable time.
+	now := time.Now()
+	if c.deadline.Sub(now) < c.timeout/2 {
+		c.deadline = now.Add(c.timeout)
+		if err := c.Conn.SetWriteDeadline(c.deadline); err != nil {
+			return 0, err
+		}
+	}
+	if c.held == nil && len(p) == yamuxHeaderLen && p[1] == 0 /* data */ &&
+		(uint32(p[8])<<24|uint32(p[9])<<16|uint32(p[10])<<8|uint32(p[11])) > 0 {
+		// yamux writes the body next, in the following Write call.
+		c.held = append(c.buf[:0], p...)
+		return len(p), nil
+	}
+	if c.held == nil {
+		return c.Conn.Write(p)
+	}
+	c.buf = append(c.held, p...)
+	c.held = nil
+	n, err := c.Conn.Write(c.buf)
+	n -= yamuxHeaderLen
+	if n < 0 {
+		n = 0
+	}
+	if cap(c.buf) > 64<<10 { // do not pin a jumbo buffer on an idle session
+		c.buf = nil
+	}
+	return n, err
+}
