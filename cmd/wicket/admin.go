@@ -1,0 +1,257 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/wicketgw/wicket/ca"
+	"github.com/wicketgw/wicket/gateway"
+	"github.com/wicketgw/wicket/gateway/audit"
+)
+
+func init() {
+	register("token", "wicket token create agent|user NAME [--ttl DUR]", runToken)
+	register("agents", "wicket agents list [--json] | wicket agents revoke NAME", runAgents)
+	register("users", "wicket users revoke NAME", runUsers)
+	register("sessions", "wicket sessions list [--json]", runSessions)
+	register("audit", "wicket audit verify FILE", runAudit)
+}
+
+// adminClient returns a client for the gateway whose data dir is dir.
+func adminClient(dir string) (*gateway.AdminClient, error) {
+	if dir == "" {
+		return nil, errors.New("no data directory: pass --data-dir DIR (the gateway's) or set WICKET_DATA_DIR")
+	}
+	return gateway.NewAdminClient(dir), nil
+}
+
+func runToken(ctx context.Context, args []string) error {
+	fs := newFlagSet("token")
+	dataDir := dataDirFlag(fs)
+	ttl := fs.Duration("ttl", 15*time.Minute, "how long the token may be used (once)")
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 3 || pos[0] != "create" || (pos[1] != "agent" && pos[1] != "user") {
+		return errors.New("usage: wicket token create agent|user NAME [--ttl DUR]")
+	}
+	c, err := adminClient(*dataDir)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	tok, err := c.CreateToken(ctx, ca.Role(pos[1]), pos[2], *ttl)
+	if err != nil {
+		if errors.Is(err, gateway.ErrGatewayUnreachable) {
+			return err
+		}
+		return fmt.Errorf("create a token for %s %s: %w", pos[1], pos[2], err)
+	}
+	_, err = fmt.Fprintln(os.Stdout, tok)
+	return err
+}
+
+func runAgents(ctx context.Context, args []string) error {
+	fs := newFlagSet("agents")
+	dataDir := dataDirFlag(fs)
+	asJSON := fs.Bool("json", false, "print JSON for scripts")
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	switch {
+	case len(pos) == 1 && pos[0] == "list":
+		c, err := adminClient(*dataDir)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		agents, err := c.Agents(ctx)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return printJSON(os.Stdout, agents)
+		}
+		return printAgents(os.Stdout, agents, time.Now())
+	case len(pos) == 2 && pos[0] == "revoke":
+		return revoke(ctx, *dataDir, ca.RoleAgent, pos[1])
+	}
+	return errors.New("usage: wicket agents list [--json] | wicket agents revoke NAME")
+}
+
+func runUsers(ctx context.Context, args []string) error {
+	fs := newFlagSet("users")
+	dataDir := dataDirFlag(fs)
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 2 || pos[0] != "revoke" {
+		return errors.New("usage: wicket users revoke NAME")
+	}
+	return revoke(ctx, *dataDir, ca.RoleUser, pos[1])
+}
+
+func revoke(ctx context.Context, dataDir string, role ca.Role, name string) error {
+	c, err := adminClient(dataDir)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var res gateway.RevokeResult
+	if role == ca.RoleAgent {
+		res, err = c.RevokeAgent(ctx, name)
+	} else {
+		res, err = c.RevokeUser(ctx, name)
+	}
+	if err != nil {
+		if errors.Is(err, gateway.ErrGatewayUnreachable) {
+			return err
+		}
+		return fmt.Errorf("revoke %s %s: %w", role, name, err)
+	}
+	fmt.Printf("revoked %s %s: %d certificate(s), %d live session(s) closed\n", role, name, len(res.RevokedSerials), res.ClosedSessions)
+	return nil
+}
+
+func runSessions(ctx context.Context, args []string) error {
+	fs := newFlagSet("sessions")
+	dataDir := dataDirFlag(fs)
+	asJSON := fs.Bool("json", false, "print JSON for scripts")
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 || pos[0] != "list" {
+		return errors.New("usage: wicket sessions list [--json]")
+	}
+	c, err := adminClient(*dataDir)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	sessions, err := c.Sessions(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return printJSON(os.Stdout, sessions)
+	}
+	return printSessions(os.Stdout, sessions, time.Now())
+}
+
+func runAudit(ctx context.Context, args []string) error {
+	fs := newFlagSet("audit")
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 2 || pos[0] != "verify" {
+		return errors.New("usage: wicket audit verify FILE")
+	}
+	res, err := audit.VerifyFile(pos[1])
+	if err != nil {
+		return fmt.Errorf("audit log %s does not verify: %w", pos[1], err)
+	}
+	msg := fmt.Sprintf("ok: %d records", res.Records)
+	if res.TornTail {
+		msg += " (the last line was torn by a crash and is sealed, not tampered with)"
+	}
+	fmt.Println(msg)
+	return nil
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func printAgents(w io.Writer, agents []gateway.AgentInfo, now time.Time) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tSTATUS\tRESOURCES\tVERSION\tSINCE\tCERT EXPIRES IN")
+	for _, a := range agents {
+		res := strings.Join(a.Resources, ",")
+		if res == "" {
+			res = "-"
+		}
+		status := a.Status
+		if a.Instances > 1 {
+			status = fmt.Sprintf("%s (%d instances)", a.Status, a.Instances)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, status, res, dash(a.Version),
+			ago(now, a.Since), until(now, a.CertExpires))
+	}
+	return tw.Flush()
+}
+
+func printSessions(w io.Writer, sessions []gateway.SessionInfo, now time.Time) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tUSER\tRESOURCE\tAGENT\tREMOTE\tSTARTED\tUP\tDOWN")
+	for _, s := range sessions {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.ID, s.User, s.Resource, s.Agent, s.Remote,
+			ago(now, s.Started), bytesHuman(s.BytesUp), bytesHuman(s.BytesDown))
+	}
+	return tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func ago(now, t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return roundDuration(now.Sub(t)) + " ago"
+}
+
+func until(now, t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	d := t.Sub(now)
+	if d <= 0 {
+		return "expired"
+	}
+	return roundDuration(d)
+}
+
+func roundDuration(d time.Duration) string {
+	switch {
+	case d < time.Second:
+		return "0s"
+	case d < time.Minute:
+		return d.Round(time.Second).String()
+	case d < time.Hour:
+		return fmt.Sprintf("%dm", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh%02dm", int(d.Hours()), int(d.Minutes())%60)
+	}
+	return fmt.Sprintf("%dd", int(d.Hours()/24))
+}
+
+func bytesHuman(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,175 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/wicketgw/wicket/ca"
+	"github.com/wicketgw/wicket/gateway/audit"
+)
+
+// The admin API, HTTP+JSON on <data-dir>/admin.sock. Whoever can open the socket (mode 0600,
+// in a 0700 directory: the gateway's own user) is an administrator; there is no other
+// authentication, which is why it is never exposed on TCP.
+
+// TokenRequest is the body of POST /v1/tokens.
+type TokenRequest struct {
+	Role string `json:"role"` // "agent" or "user"
+	Name string `json:"name"`
+	TTL  string `json:"ttl,omitempty"` // Go duration; "" means 15m
+}
+
+// TokenResponse is the answer of POST /v1/tokens.
+type TokenResponse struct {
+	Token string `json:"token"`
+}
+
+// RevokeResult is the answer of POST /v1/agents/{name}/revoke and /v1/users/{name}/revoke.
+type RevokeResult struct {
+	RevokedSerials []string `json:"revoked_serials"`
+	ClosedSessions int      `json:"closed_sessions"`
+}
+
+// errorBody is every admin API error: one sentence.
+type errorBody struct {
+	Error string `json:"error"`
+}
+
+// maxAdminBody caps admin request bodies.
+const maxAdminBody = 64 << 10
+
+func (g *Gateway) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/tokens", g.adminToken)
+	mux.HandleFunc("GET /v1/agents", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, g.registry.List())
+	})
+	mux.HandleFunc("POST /v1/agents/{name}/revoke", func(w http.ResponseWriter, r *http.Request) {
+		g.adminRevoke(w, r, ca.RoleAgent)
+	})
+	mux.HandleFunc("POST /v1/users/{name}/revoke", func(w http.ResponseWriter, r *http.Request) {
+		g.adminRevoke(w, r, ca.RoleUser)
+	})
+	mux.HandleFunc("GET /v1/sessions", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, g.sessions.list())
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no admin endpoint %s %s", r.Method, r.URL.Path))
+	})
+	return mux
+}
+
+func (g *Gateway) adminToken(w http.ResponseWriter, r *http.Request) {
+	var req TokenRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxAdminBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "the token request is not valid JSON: "+err.Error())
+		return
+	}
+	role := ca.Role(req.Role)
+	if role != ca.RoleAgent && role != ca.RoleUser {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("role %q is not agent or user", req.Role))
+		return
+	}
+	if err := ca.ValidName(req.Name); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("name %q is not valid: %v", req.Name, err))
+		return
+	}
+	var ttl time.Duration
+	if req.TTL != "" {
+		d, err := time.ParseDuration(req.TTL)
+		if err != nil || d <= 0 {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("ttl %q is not a positive duration such as 15m", req.TTL))
+			return
+		}
+		ttl = d
+	}
+	tok, err := g.authority.MintToken(role, req.Name, ttl)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "could not mint the token: "+err.Error())
+		return
+	}
+	id := ca.Identity{TrustDomain: g.authority.TrustDomain(), Role: role, Name: req.Name}
+	rec := audit.Record{Type: audit.TypeTokenCreated, Outcome: "ok", Extra: map[string]string{"ttl": effectiveTTL(ttl).String(), "via": "admin.sock"}}
+	setIdentity(&rec, id)
+	g.record(rec)
+	g.log.Info("token created", "identity", id.String(), "ttl", effectiveTTL(ttl).String())
+	writeJSON(w, http.StatusOK, TokenResponse{Token: tok})
+}
+
+func effectiveTTL(d time.Duration) time.Duration {
+	if d == 0 {
+		return 15 * time.Minute
+	}
+	return d
+}
+
+func (g *Gateway) adminRevoke(w http.ResponseWriter, r *http.Request, role ca.Role) {
+	name := r.PathValue("name")
+	if err := ca.ValidName(name); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("name %q is not valid: %v", name, err))
+		return
+	}
+	id := ca.Identity{TrustDomain: g.authority.TrustDomain(), Role: role, Name: name}
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	// Learn the serials first so the cert.revoked records name whose certificates they were.
+	if issued, err := g.authority.Issued(ctx, id); err == nil {
+		for _, c := range issued {
+			g.rememberSerial(c.Serial, id)
+		}
+	}
+	serials, err := g.authority.RevokeIdentity(ctx, id, "revoked by an administrator")
+	// Close the live sessions of the identity whatever their certificate, even if the
+	// revocation failed half-way.
+	closed := g.peers.closeIdentity(id, reasonRevoked)
+	g.counters.closedRevoked.Add(int64(len(closed)))
+	for _, s := range serials {
+		g.auditRevoked(s, id, "revoked by an administrator")
+	}
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, fmt.Sprintf("revoking %s %s failed: %v", role, name, err))
+		return
+	}
+	g.log.Info("identity revoked", "identity", id.String(), "serials", len(serials), "closed_sessions", len(closed))
+	if len(serials) == 0 && len(closed) == 0 {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("%s %s holds no unexpired certificate", role, name))
+		return
+	}
+	if serials == nil {
+		serials = []string{}
+	}
+	writeJSON(w, http.StatusOK, RevokeResult{RevokedSerials: serials, ClosedSessions: len(closed)})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, errorBody{Error: msg})
+}
+
+// AdminError is an error the admin API answered with.
+type AdminError struct {
+	Status  int    // HTTP status
+	Message string // one sentence from the gateway
+}
+
+func (e *AdminError) Error() string { return e.Message }
+
+// ErrNotFound matches an AdminError with status 404 (errors.Is).
+var ErrNotFound = errors.New("not found")
+
+// Is makes errors.Is(err, ErrNotFound) work for 404 answers.
+func (e *AdminError) Is(target error) bool {
+	return target == ErrNotFound && e.Status == http.StatusNotFound
+}

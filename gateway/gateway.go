@@ -1,0 +1,490 @@
+// Package gateway is Wicket's gateway: the one TLS 1.3 port with its ALPN router (agents on
+// wicket-agent/1, users on wicket-client/1, the built-in CA's HTTP API on h2/http/1.1), the
+// registry of connected agents, the handler that relays each user stream to an agent, the
+// enforcement of identity on live sessions (closed at certificate expiry, and at once on
+// revocation), the audit trail of all of it, and the admin API on <data-dir>/admin.sock.
+//
+// The gateway never reaches a resource itself: it only opens streams toward agents, which dial
+// the resources they were started with. It must not relay a stream the policy does not allow
+// (default deny: without a policy file nobody is allowed), must not keep a session whose
+// certificate is expired or revoked, and must never write a token or a payload to a log or to
+// the audit trail.
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/wicketgw/wicket/ca"
+	"github.com/wicketgw/wicket/gateway/audit"
+	"github.com/wicketgw/wicket/gateway/policy"
+)
+
+// Files inside the data directory.
+const (
+	AdminSocketName = "admin.sock"
+	AuditLogName    = "audit.log"
+	caDirName       = "ca"
+)
+
+// gatewayID names the gateway's own certificate (spiffe://<td>/gateway/<id>) and its hello.
+const gatewayID = "gateway"
+
+// Gateway is a running gateway. Create it with New, serve with Run.
+type Gateway struct {
+	cfg        Config
+	log        *slog.Logger
+	clock      Clock
+	publicAddr string
+
+	authority *ca.Authority
+	audit     *audit.Log
+	policy    *policy.Watcher // nil: deny everyone
+
+	ln      net.Listener
+	httpLn  *memListener
+	httpSrv *http.Server
+	adminLn net.Listener
+	admin   *http.Server
+
+	registry *Registry
+	peers    *peerIndex
+	sessions *sessionTable
+	counters counters
+
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+	wg       sync.WaitGroup // every goroutine the gateway starts
+	draining atomic.Bool
+	active   activeCount // user streams being relayed
+
+	revokeMu      sync.Mutex
+	knownSerials  map[string]ca.Identity // serial -> identity, to name who a revoked serial belonged to
+	revokeAudited map[string]bool        // serials whose cert.revoked record is written
+
+	runOnce   sync.Once
+	ran       atomic.Bool
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New prepares a gateway: it creates the data directory (0700) on first start, binds the TLS
+// port and the admin socket, loads or creates the CA, opens the audit log and the policy. It
+// serves nothing until Run. Call Close if Run is never called.
+func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
+	cfg, err = cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	g = &Gateway{
+		cfg:           cfg,
+		log:           cfg.Logger,
+		clock:         cfg.Clock,
+		registry:      NewRegistry(),
+		peers:         newPeerIndex(),
+		sessions:      newSessionTable(),
+		knownSerials:  map[string]ca.Identity{},
+		revokeAudited: map[string]bool{},
+	}
+	g.bgCtx, g.bgCancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer func() {
+		if err != nil {
+			g.release()
+		}
+	}()
+
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data directory %s: %w", cfg.DataDir, err)
+	}
+	if fi, err := os.Stat(cfg.DataDir); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		g.log.Warn("data directory is readable by others; it holds the CA keys and the audit log, consider chmod 700",
+			"dir", cfg.DataDir, "mode", fi.Mode().Perm().String())
+	}
+
+	g.ln, err = net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	g.publicAddr, err = publicAddress(cfg.PublicAddr, g.ln.Addr())
+	if err != nil {
+		return nil, err
+	}
+	host, _, _ := net.SplitHostPort(g.publicAddr)
+	names := []string{host}
+	if lh, _, _ := net.SplitHostPort(cfg.Listen); lh == "" || net.ParseIP(lh) != nil && net.ParseIP(lh).IsUnspecified() {
+		names = append(names, "localhost", "127.0.0.1", "::1")
+	}
+
+	g.audit, err = audit.Open(filepath.Join(cfg.DataDir, AuditLogName), cfg.Clock.Now)
+	if err != nil {
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+
+	g.authority, err = ca.New(ctx, ca.Config{
+		DataDir:       filepath.Join(cfg.DataDir, caDirName),
+		DB:            cfg.DB,
+		Password:      cfg.CAPassword,
+		PasswordFile:  cfg.CAPasswordFile,
+		TrustDomain:   cfg.TrustDomain,
+		URL:           "https://" + g.publicAddr,
+		ServerNames:   names,
+		GatewayID:     gatewayID,
+		AgentLifetime: cfg.AgentLifetime,
+		UserLifetime:  cfg.UserLifetime,
+		Logger:        cfg.Logger.With("component", "ca"),
+		OnRevoke:      g.onRevoke,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start the certificate authority: %w", err)
+	}
+
+	if cfg.PolicyFile != "" {
+		g.policy, err = policy.Watch(g.bgCtx, cfg.PolicyFile, cfg.Logger.With("component", "policy"), cfg.PolicyInterval)
+		if err != nil {
+			return nil, fmt.Errorf("load policy %s: %w", cfg.PolicyFile, err)
+		}
+	} else {
+		g.log.Warn("no policy file (--policy): every user is denied every resource (default deny)")
+	}
+
+	g.adminLn, err = listenAdmin(filepath.Join(cfg.DataDir, AdminSocketName))
+	if err != nil {
+		return nil, err
+	}
+
+	g.httpLn = newMemListener(g.ln.Addr())
+	g.httpSrv = &http.Server{
+		Handler:           g.authority.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(g.log.With("component", "ca-http").Handler(), slog.LevelDebug),
+		BaseContext:       func(net.Listener) context.Context { return g.bgCtx },
+	}
+	g.admin = &http.Server{
+		Handler:           g.adminHandler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(g.log.With("component", "admin").Handler(), slog.LevelDebug),
+	}
+	return g, nil
+}
+
+// publicAddress derives HOST:PORT that agents and users dial.
+func publicAddress(public string, ln net.Addr) (string, error) {
+	_, lport, err := net.SplitHostPort(ln.String())
+	if err != nil {
+		return "", fmt.Errorf("listener address %s: %w", ln, err)
+	}
+	if public == "" {
+		host := ln.(*net.TCPAddr).IP
+		if host == nil || host.IsUnspecified() {
+			return net.JoinHostPort("localhost", lport), nil
+		}
+		return net.JoinHostPort(host.String(), lport), nil
+	}
+	if h, p, err := net.SplitHostPort(public); err == nil {
+		if h == "" {
+			return "", fmt.Errorf("public address %q has no host", public)
+		}
+		if _, err := strconv.ParseUint(p, 10, 16); err != nil {
+			return "", fmt.Errorf("public address %q has an invalid port", public)
+		}
+		return public, nil
+	}
+	return net.JoinHostPort(public, lport), nil
+}
+
+// listenAdmin binds the admin socket (0600), removing a stale one left by a crash but refusing
+// to take over the socket of a gateway still running.
+func listenAdmin(path string) (net.Listener, error) {
+	if _, err := os.Lstat(path); err == nil {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			_ = c.Close()
+			return nil, fmt.Errorf("another gateway is already running with this data directory (%s answers)", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale admin socket %s: %w", path, err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on admin socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("restrict admin socket %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// Addr is the address the TLS port listens on.
+func (g *Gateway) Addr() net.Addr { return g.ln.Addr() }
+
+// PublicAddr is HOST:PORT written into tokens as the gateway's address.
+func (g *Gateway) PublicAddr() string { return g.publicAddr }
+
+// AdminSocket is the path of the admin API socket.
+func (g *Gateway) AdminSocket() string { return filepath.Join(g.cfg.DataDir, AdminSocketName) }
+
+// Authority is the gateway's built-in CA.
+func (g *Gateway) Authority() *ca.Authority { return g.authority }
+
+// Registry is the gateway's agent registry.
+func (g *Gateway) Registry() *Registry { return g.registry }
+
+// Counters returns a snapshot of the gateway's running totals.
+func (g *Gateway) Counters() Counters { return g.counters.snapshot() }
+
+// Sessions lists the user sessions being relayed now.
+func (g *Gateway) Sessions() []SessionInfo { return g.sessions.list() }
+
+// Run serves until ctx ends, then stops accepting, lets user streams finish for up to
+// GracePeriod, closes every session and returns nil. Run may be called once.
+func (g *Gateway) Run(ctx context.Context) error {
+	started := false
+	g.runOnce.Do(func() { started = true; g.ran.Store(true) })
+	if !started {
+		return errors.New("gateway: Run called twice")
+	}
+	acceptDone := make(chan struct{})
+	g.goFunc(func() { defer close(acceptDone); g.acceptLoop() })
+	g.goFunc(func() { _ = g.httpSrv.Serve(g.httpLn) })
+	g.goFunc(func() { _ = g.admin.Serve(g.adminLn) })
+	g.goFunc(g.sweepRevoked)
+	g.log.Info("listening", "addr", g.ln.Addr().String(), "public", g.publicAddr,
+		"admin", g.AdminSocket(), "trust_domain", g.authority.TrustDomain())
+	g.record(audit.Record{Type: audit.TypeGatewayStarted, Outcome: audit.OutcomeOK, Extra: map[string]string{
+		"listen": g.ln.Addr().String(), "public": g.publicAddr, "version": g.cfg.Version,
+		"policy": g.cfg.PolicyFile, "root_sha256": g.authority.RootFingerprint()}})
+
+	select {
+	case <-ctx.Done():
+	case <-g.bgCtx.Done(): // Close was called
+	}
+	g.log.Info("shutting down: no new connections, waiting for streams to finish", "grace", g.cfg.GracePeriod.String())
+	g.draining.Store(true)
+	_ = g.ln.Close()
+	<-acceptDone
+
+	graceCtx, cancel := context.WithTimeout(context.Background(), g.cfg.GracePeriod)
+	defer cancel()
+	httpDone := make(chan struct{})
+	go func() { defer close(httpDone); _ = g.httpSrv.Shutdown(graceCtx) }()
+	select {
+	case <-g.active.zero():
+	case <-graceCtx.Done():
+		g.log.Warn("grace period over: closing the streams still open", "streams", g.active.n())
+	}
+	cancel()
+	<-httpDone
+	return g.Close()
+}
+
+// Close stops everything at once: sessions, listeners, the CA, the audit log. Run calls it at
+// the end; call it directly only if Run was never called.
+func (g *Gateway) Close() error {
+	g.closeOnce.Do(func() {
+		g.draining.Store(true)
+		g.bgCancel()
+		_ = g.ln.Close()
+		g.peers.closeAll(reasonShutdown)
+		_ = g.httpSrv.Close()
+		_ = g.httpLn.Close()
+		_ = g.admin.Close()
+		_ = g.adminLn.Close()
+		g.wg.Wait()
+		if g.ran.Load() {
+			g.record(audit.Record{Type: audit.TypeGatewayStopped, Outcome: audit.OutcomeOK})
+		}
+		g.closeErr = g.release()
+	})
+	return g.closeErr
+}
+
+// release frees what New acquired; it runs once no goroutine of the gateway is left.
+func (g *Gateway) release() error {
+	g.bgCancel()
+	var errs []error
+	if g.policy != nil {
+		if err := g.policy.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close policy watcher: %w", err))
+		}
+	}
+	if g.adminLn != nil {
+		_ = g.adminLn.Close()
+		_ = os.Remove(filepath.Join(g.cfg.DataDir, AdminSocketName))
+	}
+	if g.ln != nil {
+		_ = g.ln.Close()
+	}
+	if g.authority != nil {
+		if err := g.authority.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close the CA: %w", err))
+		}
+	}
+	if g.audit != nil {
+		if err := g.audit.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close the audit log: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (g *Gateway) goFunc(f func()) {
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		f()
+	}()
+}
+
+// allow is the policy decision; without a policy file nobody is allowed.
+func (g *Gateway) allow(user, resource string) bool {
+	return g.policy != nil && g.policy.Allow(user, resource)
+}
+
+// record writes an audit record; a failure to audit is logged loudly (it is not silently lost).
+func (g *Gateway) record(r audit.Record) {
+	if err := g.audit.Write(r); err != nil {
+		g.log.Error("audit log write failed", "type", r.Type, "err", err)
+	}
+}
+
+// sweepRevoked re-checks the certificates of live sessions against the CA's revocation list,
+// covering revocations that did not go through OnRevoke.
+func (g *Gateway) sweepRevoked() {
+	t := time.NewTicker(g.cfg.RevocationSweep)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.bgCtx.Done():
+			return
+		case <-t.C:
+		}
+		var revoked []string
+		for _, s := range g.peers.serials() {
+			ok, err := g.authority.IsRevoked(s)
+			if err != nil {
+				g.log.Warn("revocation check failed", "serial", s, "err", err)
+				continue
+			}
+			if ok {
+				revoked = append(revoked, s)
+			}
+		}
+		if len(revoked) > 0 {
+			g.onRevoke(revoked)
+		}
+	}
+}
+
+// onRevoke closes the live sessions of revoked serials at once and audits each revocation.
+// The CA calls it after every successful revocation, whatever the path.
+func (g *Gateway) onRevoke(serials []string) {
+	for _, p := range g.peers.closeSerials(serials, reasonRevoked) {
+		g.counters.closedRevoked.Add(1)
+		g.log.Info("closed session: certificate revoked", "identity", p.ident.String(), "serial", p.serial)
+	}
+	for _, s := range serials {
+		g.auditRevoked(s, ca.Identity{}, "certificate revoked")
+	}
+}
+
+// auditRevoked writes one cert.revoked record per serial.
+func (g *Gateway) auditRevoked(serial string, id ca.Identity, reason string) {
+	g.revokeMu.Lock()
+	if g.revokeAudited[serial] {
+		g.revokeMu.Unlock()
+		return
+	}
+	g.revokeAudited[serial] = true
+	if id == (ca.Identity{}) {
+		id = g.knownSerials[serial]
+	}
+	g.revokeMu.Unlock()
+	if id == (ca.Identity{}) {
+		id, _ = g.peers.identityOf(serial)
+	}
+	r := audit.Record{Type: audit.TypeCertRevoked, Serial: serial, Reason: reason}
+	setIdentity(&r, id)
+	g.record(r)
+}
+
+// rememberSerial notes who holds serial, so a later revocation record can name them.
+func (g *Gateway) rememberSerial(serial string, id ca.Identity) {
+	g.revokeMu.Lock()
+	defer g.revokeMu.Unlock()
+	g.knownSerials[serial] = id
+}
+
+// setIdentity fills the identity fields of an audit record.
+func setIdentity(r *audit.Record, id ca.Identity) {
+	if id == (ca.Identity{}) {
+		return
+	}
+	r.Identity = id.String()
+	switch id.Role {
+	case ca.RoleAgent:
+		r.Agent = id.Name
+	case ca.RoleUser:
+		r.User = id.Name
+	}
+}
+
+// newID returns a random 16-hex-digit id for sessions.
+func newID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// activeCount counts user streams being relayed, and signals when none is left.
+type activeCount struct {
+	mu    sync.Mutex
+	count int
+	ch    chan struct{} // closed while count == 0
+}
+
+func (a *activeCount) add(d int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.ch == nil {
+		a.ch = make(chan struct{})
+		close(a.ch)
+	}
+	before := a.count
+	a.count += d
+	switch {
+	case before == 0 && a.count > 0:
+		a.ch = make(chan struct{})
+	case before > 0 && a.count == 0:
+		close(a.ch)
+	}
+}
+
+func (a *activeCount) zero() <-chan struct{} {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.ch == nil {
+		a.ch = make(chan struct{})
+		close(a.ch)
+	}
+	return a.ch
+}
+
+func (a *activeCount) n() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.count
+}

@@ -1,0 +1,277 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/wicketgw/wicket/ca"
+	"github.com/wicketgw/wicket/gateway/audit"
+	"github.com/wicketgw/wicket/tunnel"
+)
+
+// ALPN protocols served on the gateway port besides Wicket's own.
+const (
+	alpnH2    = "h2"
+	alpnHTTP1 = "http/1.1"
+)
+
+// Reasons a handshake is refused, as counted and audited.
+const (
+	refusedVersion     = "unsupported TLS version"
+	refusedUnknownCA   = "unknown CA"
+	refusedExpired     = "certificate expired"
+	refusedRevoked     = "certificate revoked"
+	refusedWrongRole   = "wrong role"
+	refusedNoCert      = "no client certificate"
+	refusedBadALPN     = "unsupported ALPN"
+	refusedTimeout     = "handshake timeout"
+	refusedNotTLS      = "not TLS"
+	refusedBadCert     = "invalid certificate"
+	refusedOther       = "handshake failed"
+	refusedShuttingDwn = "gateway shutting down"
+)
+
+// acceptLoop accepts TCP connections until the listener closes.
+func (g *Gateway) acceptLoop() {
+	var delay time.Duration
+	for {
+		raw, err := g.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || g.draining.Load() {
+				return
+			}
+			// Out of file descriptors and the like: back off instead of spinning.
+			if delay == 0 {
+				delay = 5 * time.Millisecond
+			} else if delay *= 2; delay > time.Second {
+				delay = time.Second
+			}
+			g.log.Warn("accept failed, retrying", "err", err, "in", delay.String())
+			select {
+			case <-time.After(delay):
+			case <-g.bgCtx.Done():
+				return
+			}
+			continue
+		}
+		delay = 0
+		g.goFunc(func() { g.handleConn(raw) })
+	}
+}
+
+// handshake is what the ALPN router learned about one connection during its handshake.
+type handshake struct {
+	mu     sync.Mutex
+	reason string      // why it was refused, when our own checks refused it
+	ident  ca.Identity // the verified peer, for the Wicket ALPNs
+}
+
+func (h *handshake) refuse(reason string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.reason == "" {
+		h.reason = reason
+	}
+}
+
+// serverTLS returns the TLS config for one incoming connection. The config actually used is
+// chosen per ClientHello by the ALPNs the client offers: each Wicket ALPN requires a
+// client certificate of its own role, checked in the handshake, so a certificate of the other
+// role never gets a session.
+func (g *Gateway) serverTLS(hs *handshake) *tls.Config {
+	base := &tls.Config{}
+	tunnel.HardenServerTLS(base)
+	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		if !slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
+			hs.refuse(refusedVersion)
+			return nil, errors.New("TLS 1.3 is required")
+		}
+		c := &tls.Config{GetCertificate: g.authority.GetCertificate}
+		tunnel.HardenServerTLS(c)
+		protos := hello.SupportedProtos
+		switch {
+		case slices.Contains(protos, tunnel.ALPNAgent):
+			g.requirePeer(c, hs, tunnel.ALPNAgent, ca.RoleAgent)
+		case slices.Contains(protos, tunnel.ALPNClient):
+			g.requirePeer(c, hs, tunnel.ALPNClient, ca.RoleUser)
+		case len(protos) == 0 || slices.Contains(protos, alpnH2) || slices.Contains(protos, alpnHTTP1):
+			// The CA API: /renew authenticates by the client certificate, so one is requested
+			// and, when given, verified against our root; step-ca checks revocation itself.
+			c.NextProtos = []string{alpnH2, alpnHTTP1}
+			c.ClientAuth = tls.VerifyClientCertIfGiven
+			c.ClientCAs = g.authority.RootPool()
+		default:
+			hs.refuse(refusedBadALPN)
+			return nil, fmt.Errorf("unsupported ALPN %q", protos)
+		}
+		return c, nil
+	}
+	return base
+}
+
+func (g *Gateway) requirePeer(c *tls.Config, hs *handshake, alpn string, role ca.Role) {
+	c.NextProtos = []string{alpn}
+	c.ClientAuth = tls.RequireAnyClientCert
+	c.VerifyConnection = func(cs tls.ConnectionState) error {
+		id, err := g.authority.VerifyPeer(cs.PeerCertificates, role)
+		if err != nil {
+			hs.refuse(classifyVerify(err))
+			return err
+		}
+		hs.mu.Lock()
+		hs.ident = id
+		hs.mu.Unlock()
+		return nil
+	}
+}
+
+// classifyVerify maps a peer verification error to a refusal reason.
+func classifyVerify(err error) string {
+	switch {
+	case errors.Is(err, ca.ErrRevoked):
+		return refusedRevoked
+	case errors.Is(err, ca.ErrExpired):
+		return refusedExpired
+	case errors.Is(err, ca.ErrWrongRole):
+		return refusedWrongRole
+	case errors.Is(err, ca.ErrUnknownCA):
+		return refusedUnknownCA
+	}
+	return classifyX509(err)
+}
+
+func classifyX509(err error) string {
+	var ua x509.UnknownAuthorityError
+	if errors.As(err, &ua) {
+		return refusedUnknownCA
+	}
+	var ci x509.CertificateInvalidError
+	if errors.As(err, &ci) && ci.Reason == x509.Expired {
+		return refusedExpired
+	}
+	return refusedBadCert
+}
+
+// classifyHandshake names the reason of a failed handshake our callbacks did not refuse.
+func classifyHandshake(err error, ctxErr error) string {
+	if errors.Is(ctxErr, context.DeadlineExceeded) {
+		return refusedTimeout
+	}
+	var cv *tls.CertificateVerificationError
+	if errors.As(err, &cv) {
+		return classifyX509(cv.Err)
+	}
+	var rh tls.RecordHeaderError
+	if errors.As(err, &rh) {
+		return refusedNotTLS
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return refusedTimeout
+	}
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "didn't provide a certificate"):
+		return refusedNoCert
+	case strings.Contains(msg, "unsupported versions"), strings.Contains(msg, "protocol version"):
+		return refusedVersion
+	case strings.Contains(msg, "application protocol"):
+		return refusedBadALPN
+	}
+	return refusedOther
+}
+
+// handleConn runs the handshake of one connection and hands it to its ALPN's handler.
+func (g *Gateway) handleConn(raw net.Conn) {
+	remote := raw.RemoteAddr().String()
+	hs := &handshake{}
+	conn := tls.Server(raw, g.serverTLS(hs))
+	ctx, cancel := context.WithTimeout(g.bgCtx, g.cfg.HandshakeTimeout)
+	err := conn.HandshakeContext(ctx)
+	ctxErr := ctx.Err()
+	cancel()
+	if err != nil {
+		_ = conn.Close()
+		if errors.Is(err, context.Canceled) && g.bgCtx.Err() != nil {
+			return // shutting down
+		}
+		hs.mu.Lock()
+		reason := hs.reason
+		hs.mu.Unlock()
+		if reason == "" {
+			reason = classifyHandshake(err, ctxErr)
+		}
+		g.refused(remote, reason, err)
+		return
+	}
+	g.counters.handshakesOK.Add(1)
+	cs := conn.ConnectionState()
+	hs.mu.Lock()
+	ident := hs.ident
+	hs.mu.Unlock()
+	switch cs.NegotiatedProtocol {
+	case tunnel.ALPNAgent:
+		g.serveAgent(conn, ident, remote)
+	case tunnel.ALPNClient:
+		g.serveUser(conn, ident, remote)
+	default:
+		if !g.httpLn.push(conn) {
+			_ = conn.Close()
+		}
+	}
+}
+
+// refused counts, logs and audits a refused handshake.
+func (g *Gateway) refused(remote, reason string, err error) {
+	g.counters.refusedInc(reason)
+	g.log.Info("refused TLS handshake", "remote", remote, "reason", reason, "err", err)
+	g.record(audit.Record{Type: audit.TypeTLSRefused, Remote: remote, Reason: reason,
+		Outcome: audit.OutcomeDenied, Extra: map[string]string{"error": err.Error()}})
+}
+
+// memListener is a net.Listener fed with connections the router already handshook, so the CA's
+// http.Server serves them (HTTP/2 included: net/http picks h2 from the *tls.Conn's
+// negotiated protocol).
+type memListener struct {
+	addr net.Addr
+	ch   chan net.Conn
+	once sync.Once
+	done chan struct{}
+}
+
+func newMemListener(addr net.Addr) *memListener {
+	return &memListener{addr: addr, ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *memListener) push(c net.Conn) bool {
+	select {
+	case l.ch <- c:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *memListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *memListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *memListener) Addr() net.Addr { return l.addr }

@@ -1,0 +1,261 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/wicketgw/wicket/ca"
+	"github.com/wicketgw/wicket/gateway/audit"
+	"github.com/wicketgw/wicket/tunnel"
+)
+
+// SessionInfo describes one user stream being relayed, as `wicket sessions list` shows it.
+type SessionInfo struct {
+	ID        string    `json:"id"`
+	User      string    `json:"user"`
+	Agent     string    `json:"agent"`
+	Resource  string    `json:"resource"`
+	Remote    string    `json:"remote"`
+	Started   time.Time `json:"started"`
+	BytesUp   int64     `json:"bytes_up"`   // user to resource, so far
+	BytesDown int64     `json:"bytes_down"` // resource to user, so far
+}
+
+type liveSession struct {
+	info     SessionInfo
+	up, down *atomic.Int64
+}
+
+type sessionTable struct {
+	mu sync.Mutex
+	m  map[string]*liveSession
+}
+
+func newSessionTable() *sessionTable { return &sessionTable{m: map[string]*liveSession{}} }
+
+func (t *sessionTable) add(s *liveSession) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.m[s.info.ID] = s
+}
+
+func (t *sessionTable) remove(id string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.m, id)
+}
+
+func (t *sessionTable) list() []SessionInfo {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]SessionInfo, 0, len(t.m))
+	for _, s := range t.m {
+		i := s.info
+		i.BytesUp, i.BytesDown = s.up.Load(), s.down.Load()
+		out = append(out, i)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if !out[i].Started.Equal(out[j].Started) {
+			return out[i].Started.Before(out[j].Started)
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out
+}
+
+// serveUser runs one user connection: every stream it opens names a resource and becomes one
+// relayed session.
+func (g *Gateway) serveUser(conn *tls.Conn, ident ca.Identity, remote string) {
+	p := g.startPeer(conn, ident, remote)
+	if p == nil {
+		return
+	}
+	defer g.stopPeer(p)
+	g.counters.userSessions.Add(1)
+	r := audit.Record{Type: audit.TypeUserConnected, Remote: remote, SessionID: p.id, Serial: p.serial,
+		TLSVersion: p.tlsVer, Cipher: p.cipher}
+	setIdentity(&r, ident)
+	g.record(r)
+
+	var streams sync.WaitGroup
+	for {
+		st, err := p.sess.AcceptStream(g.bgCtx)
+		if err != nil {
+			select {
+			case <-p.sess.Done():
+			case <-g.bgCtx.Done():
+			default:
+				g.log.Debug("refused a malformed stream", "user", ident.Name, "remote", remote, "err", err)
+				continue
+			}
+			break
+		}
+		streams.Add(1)
+		go func() {
+			defer streams.Done()
+			g.handleUserStream(p, st)
+		}()
+	}
+	_ = p.sess.Close()
+	streams.Wait()
+	r = audit.Record{Type: audit.TypeUserDisconnected, Remote: remote, SessionID: p.id, Serial: p.serial,
+		DurationMS: g.clock.Now().Sub(p.since).Milliseconds(), Reason: p.reason()}
+	setIdentity(&r, ident)
+	g.record(r)
+}
+
+// handleUserStream decides, opens the agent side, and relays one user stream.
+func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
+	defer st.Close()
+	h := st.Header()
+	user := p.ident.Name
+	id := newID()
+	base := audit.Record{User: user, Identity: p.ident.String(), Resource: h.Resource, SessionID: id,
+		Remote: p.remote, Serial: p.serial, TLSVersion: p.tlsVer, Cipher: p.cipher}
+	// deny refuses the stream; kind is the counter label, the audit outcome is "denied" for
+	// refusals by policy and "error" for everything operational.
+	deny := func(status tunnel.Status, kind, agent, reason string) {
+		_ = st.Reply(status, reason)
+		g.counters.streamInc(kind)
+		r := base
+		r.Agent, r.Type, r.Outcome, r.Reason = agent, audit.TypeSessionDenied, audit.OutcomeError, reason
+		if status == tunnel.StatusRefused {
+			r.Outcome = audit.OutcomeDenied
+		}
+		g.record(r)
+	}
+
+	if h.Kind != tunnel.KindData {
+		deny(tunnel.StatusRefused, "refused", "", "users may only open data streams")
+		return
+	}
+	if g.draining.Load() {
+		deny(tunnel.StatusUnavailable, "unavailable", "", "the gateway is shutting down; retry in a moment")
+		return
+	}
+	if !g.allow(user, h.Resource) {
+		deny(tunnel.StatusRefused, "denied", "", fmt.Sprintf("policy does not allow user %s to reach resource %s", user, h.Resource))
+		return
+	}
+	cands, offline := g.registry.candidates(h.Resource)
+	if len(cands) == 0 {
+		if len(offline) > 0 {
+			deny(tunnel.StatusUnavailable, "unavailable", "", fmt.Sprintf("resource %s is exposed by agent %s, which is offline",
+				h.Resource, strings.Join(offline, ", ")))
+		} else {
+			deny(tunnel.StatusUnknownResource, "unknown resource", "", fmt.Sprintf("no connected agent exposes resource %s", h.Resource))
+		}
+		return
+	}
+
+	g.active.add(1)
+	defer g.active.add(-1)
+	started := g.clock.Now()
+	var (
+		as      *agentSession
+		up      *tunnel.Stream
+		lastErr error
+	)
+	for _, c := range cands {
+		s, err := c.sess.OpenStream(g.bgCtx, tunnel.Header{Version: tunnel.ProtocolVersion, Kind: tunnel.KindData, Resource: h.Resource, SessionID: id})
+		if err == nil {
+			as, up = c, s
+			break
+		}
+		var re *tunnel.ReplyError
+		if errors.As(err, &re) {
+			// The agent answered: pass its answer through (unknown resource, dial failed + why).
+			deny(re.Status, outcomeOf(re.Status), c.name, fmt.Sprintf("agent %s: %s", c.name, re.Reason))
+			return
+		}
+		// Draining after a renewal (go-away) or gone: try the next candidate.
+		lastErr = fmt.Errorf("agent %s: %w", c.name, err)
+	}
+	if up == nil {
+		deny(tunnel.StatusUnavailable, "unavailable", "", fmt.Sprintf("could not open a stream for resource %s: %v", h.Resource, lastErr))
+		return
+	}
+	defer up.Close()
+	if err := st.Reply(tunnel.StatusOK, ""); err != nil {
+		g.counters.streamInc("error")
+		r := base
+		r.Agent, r.Type, r.Outcome, r.Reason = as.name, audit.TypeSessionDenied, audit.OutcomeError, "reply to the user: "+err.Error()
+		g.record(r)
+		return
+	}
+	r := base
+	r.Agent, r.Type, r.Outcome = as.name, audit.TypeSessionStarted, audit.OutcomeOK
+	r.Extra = map[string]string{"agent_session": as.id}
+	g.record(r)
+
+	ls := &liveSession{info: SessionInfo{ID: id, User: user, Agent: as.name, Resource: h.Resource, Remote: p.remote, Started: started},
+		up: new(atomic.Int64), down: new(atomic.Int64)}
+	g.sessions.add(ls)
+	upBytes, downBytes, err := tunnel.Relay(g.bgCtx, &countingConn{Conn: st, n: ls.up}, &countingConn{Conn: up, n: ls.down})
+	g.sessions.remove(id)
+	g.counters.bytesUp.Add(upBytes)
+	g.counters.bytesDown.Add(downBytes)
+
+	kind, reason := "ok", ""
+	switch {
+	case p.closeReason.Load() != nil:
+		kind, reason = "closed", "user session closed: "+p.reason()
+	case as.peer.closeReason.Load() != nil:
+		kind, reason = "closed", "agent session closed: "+as.peer.reason()
+	case err != nil && !errors.Is(err, context.Canceled):
+		kind, reason = "error", err.Error()
+	case err != nil:
+		kind, reason = "closed", reasonShutdown
+	}
+	g.counters.streamInc(kind)
+	r = base
+	r.Agent, r.Type, r.Outcome, r.Reason = as.name, audit.TypeSessionEnded, audit.OutcomeOK, reason
+	if kind != "ok" {
+		r.Outcome = audit.OutcomeError
+	}
+	r.BytesUp, r.BytesDown = upBytes, downBytes
+	r.DurationMS = g.clock.Now().Sub(started).Milliseconds()
+	g.record(r)
+}
+
+func outcomeOf(s tunnel.Status) string {
+	switch s {
+	case tunnel.StatusUnknownResource:
+		return "unknown resource"
+	case tunnel.StatusDialFailed:
+		return "dial failed"
+	case tunnel.StatusRefused:
+		return "refused"
+	case tunnel.StatusUnavailable:
+		return "unavailable"
+	}
+	return "error"
+}
+
+// countingConn counts the bytes read from a stream for the live sessions table; it keeps the
+// half-close of the stream it wraps.
+type countingConn struct {
+	net.Conn
+	n *atomic.Int64
+}
+
+func (c *countingConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+func (c *countingConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
