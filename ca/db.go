@@ -1,0 +1,304 @@
+package ca
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/x509"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
+	"github.com/smallstep/certificates/authority/provisioner"
+	stepdb "github.com/smallstep/certificates/db"
+	"github.com/smallstep/nosql"
+	"github.com/smallstep/nosql/database"
+	"go.step.sm/crypto/jose"
+)
+
+// issuedTable indexes certificates by identity: key serial, value issuedRecord.
+var issuedTable = []byte("wicket_issued")
+
+type issuedRecord struct {
+	Identity  string    `json:"id"`
+	NotBefore time.Time `json:"nb"`
+	NotAfter  time.Time `json:"na"`
+}
+
+// authDB wraps step-ca's database. It is what we hand to authority.WithDatabase, so
+// every path through step-ca (HTTP /sign, /renew, /revoke, ACME, our own calls) goes
+// through it:
+//
+//   - UseToken does not record a token that step-ca is certain to reject afterwards
+//     (bad signature, expired): step-ca records the token ID *before* verifying the
+//     signature, so a forged copy of a token would otherwise burn the real one.
+//   - StoreCertificateChain / StoreRenewedCertificate also index serial -> identity, for
+//     Issued and RevokeIdentity.
+//   - Revoke updates the in-memory revocation set and fires OnRevoke.
+//   - IsRevoked answers from memory: it runs on every handshake and every renewal.
+type authDB struct {
+	*stepdb.DB
+	closeFn func() error
+
+	// provKeys maps JWK provisioner name -> public key, to pre-verify tokens.
+	provKeys map[string]*ecdsa.PublicKey
+
+	mu       sync.RWMutex
+	revoked  map[string]struct{}
+	onRevoke func(serial string)
+}
+
+// openDB opens bbolt in dataDir or PostgreSQL at dsn.
+func openDB(dataDir, dsn string) (*authDB, error) {
+	if dsn == "" {
+		path := filepath.Join(dataDir, bboltFile)
+		if f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600); err == nil {
+			f.Close()
+		}
+		adb, err := stepdb.New(&stepdb.Config{Type: nosql.BBoltDriver, DataSource: path})
+		if err != nil {
+			return nil, fmt.Errorf("open CA database %s: %w", path, err)
+		}
+		d := adb.(*stepdb.DB)
+		return &authDB{DB: d, closeFn: d.Shutdown, revoked: map[string]struct{}{}}, nil
+	}
+	// step-ca's PostgreSQL driver creates the database named in the DSN when missing,
+	// and its tables.
+	adb, err := stepdb.New(&stepdb.Config{Type: nosql.PostgreSQLDriver, DataSource: dsn})
+	if err != nil {
+		return nil, fmt.Errorf("open CA database %s: %w", redactDSN(dsn), err)
+	}
+	inner := adb.(*stepdb.DB)
+	pcfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		inner.Shutdown()
+		return nil, fmt.Errorf("parse PostgreSQL DSN %s: %w", redactDSN(dsn), err)
+	}
+	sqlDB := stdlib.OpenDB(*pcfg)
+	if err := sqlDB.Ping(); err != nil {
+		sqlDB.Close()
+		inner.Shutdown()
+		return nil, fmt.Errorf("connect to PostgreSQL %s: %w", redactDSN(dsn), err)
+	}
+	wrapped := &pgAtomic{DB: inner.DB, sql: sqlDB}
+	d := &stepdb.DB{DB: wrapped}
+	return &authDB{DB: d, revoked: map[string]struct{}{}, closeFn: func() error {
+		err1 := sqlDB.Close()
+		err2 := inner.Shutdown()
+		return errors.Join(err1, err2)
+	}}, nil
+}
+
+func (d *authDB) init() error {
+	if err := d.CreateTable(issuedTable); err != nil {
+		return fmt.Errorf("create table %s: %w", issuedTable, err)
+	}
+	list, err := d.GetRevokedCertificates()
+	if err != nil && !database.IsErrNotFound(err) {
+		return fmt.Errorf("load revoked certificates: %w", err)
+	}
+	if list != nil {
+		for _, r := range *list {
+			d.revoked[r.Serial] = struct{}{}
+		}
+	}
+	return nil
+}
+
+// Shutdown closes the database (and our own PostgreSQL connection pool).
+func (d *authDB) Shutdown() error { return d.closeFn() }
+
+// IsRevoked answers from the in-memory set, which Revoke keeps current and init loads.
+func (d *authDB) IsRevoked(sn string) (bool, error) {
+	d.mu.RLock()
+	_, ok := d.revoked[sn]
+	d.mu.RUnlock()
+	return ok, nil
+}
+
+// Revoke records the revocation (step-ca's table), then the memory set, then OnRevoke.
+func (d *authDB) Revoke(rci *stepdb.RevokedCertificateInfo) error {
+	err := d.DB.Revoke(rci)
+	if err != nil && !errors.Is(err, stepdb.ErrAlreadyExists) {
+		return err
+	}
+	d.mu.Lock()
+	d.revoked[rci.Serial] = struct{}{}
+	d.mu.Unlock()
+	if err == nil && d.onRevoke != nil {
+		d.onRevoke(rci.Serial)
+	}
+	return err
+}
+
+// UseToken records the token ID unless the token is certain to be refused right after.
+func (d *authDB) UseToken(id, tok string) (bool, error) {
+	if d.tokenCertainlyInvalid(tok) {
+		// Returning true without recording lets step-ca go on to its own verification,
+		// which refuses the token with the precise reason (signature, expiry).
+		return true, nil
+	}
+	return d.DB.UseToken(id, tok)
+}
+
+// tokenCertainlyInvalid reports whether step-ca's JWK provisioner will refuse tok:
+// the signature does not verify under the key of the provisioner named by iss, or it
+// expired more than step-ca's 1 minute leeway ago. It must never say "invalid" for a
+// token step-ca would accept, or that token would be usable twice; hence the extra
+// margin on time and the exact same verification code (go.step.sm/crypto/jose).
+func (d *authDB) tokenCertainlyInvalid(tok string) bool {
+	jwt, err := jose.ParseSigned(tok)
+	if err != nil {
+		return false // step-ca fails earlier on a token it cannot parse
+	}
+	var c jose.Claims
+	if err := jwt.UnsafeClaimsWithoutVerification(&c); err != nil {
+		return false
+	}
+	pub, ok := d.provKeys[c.Issuer]
+	if !ok {
+		return false
+	}
+	if err := jwt.Claims(pub, &c); err != nil {
+		return true
+	}
+	const margin = time.Minute + 10*time.Second // step-ca's leeway plus slack
+	if c.Expiry != nil && time.Now().After(c.Expiry.Time().Add(margin)) {
+		return true
+	}
+	return false
+}
+
+// StoreCertificateChain stores via step-ca, then indexes the leaf by identity.
+func (d *authDB) StoreCertificateChain(p provisioner.Interface, chain ...*x509.Certificate) error {
+	if err := d.DB.StoreCertificateChain(p, chain...); err != nil {
+		return err
+	}
+	return d.index(chain[0])
+}
+
+// StoreRenewedCertificate stores via step-ca, then indexes the leaf by identity.
+func (d *authDB) StoreRenewedCertificate(old *x509.Certificate, chain ...*x509.Certificate) error {
+	if err := d.DB.StoreRenewedCertificate(old, chain...); err != nil {
+		return err
+	}
+	return d.index(chain[0])
+}
+
+func (d *authDB) index(leaf *x509.Certificate) error {
+	id, err := ParseIdentity(leaf)
+	if err != nil {
+		return nil // ACME certificates carry DNS names only; nothing to index
+	}
+	b, err := json.Marshal(issuedRecord{Identity: id.String(), NotBefore: leaf.NotBefore, NotAfter: leaf.NotAfter})
+	if err != nil {
+		return err
+	}
+	if err := d.Set(issuedTable, []byte(leaf.SerialNumber.String()), b); err != nil {
+		return fmt.Errorf("index certificate %s: %w", leaf.SerialNumber, err)
+	}
+	return nil
+}
+
+// issued lists the certificates of id that are unexpired at now. Expired index
+// entries are deleted on the way, which keeps the table at about the number of live
+// certificates.
+func (d *authDB) issued(id Identity, now time.Time) ([]IssuedCert, error) {
+	entries, err := d.List(issuedTable)
+	if err != nil {
+		if database.IsErrNotFound(err) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	want := id.String()
+	var out []IssuedCert
+	for _, e := range entries {
+		var r issuedRecord
+		if err := json.Unmarshal(e.Value, &r); err != nil {
+			continue
+		}
+		if !now.Before(r.NotAfter) {
+			_ = d.Del(issuedTable, e.Key) // best effort: a stale entry is only filtered again
+			continue
+		}
+		if r.Identity != want {
+			continue
+		}
+		serial := string(e.Key)
+		rev, _ := d.IsRevoked(serial)
+		out = append(out, IssuedCert{Serial: serial, NotBefore: r.NotBefore, NotAfter: r.NotAfter, Revoked: rev})
+	}
+	return out, nil
+}
+
+// pgAtomic fixes two races of step's PostgreSQL driver (smallstep/nosql v0.8):
+//
+//   - CmpAndSwap does SELECT ... FOR UPDATE, then INSERT ... ON CONFLICT DO UPDATE. When
+//     the key does not exist yet, FOR UPDATE locks nothing, so two concurrent callers
+//     both see "absent" and both "swap". That is exactly UseToken (one-time tokens),
+//     Revoke and ACME account creation. We replace it by single statements that the
+//     database serializes on the primary key: INSERT ... ON CONFLICT DO NOTHING when the
+//     expected old value is absent, UPDATE ... WHERE nvalue = old otherwise, and
+//     count the affected rows.
+//   - Update with [Get k, Delete k] (ACME nonce consumption) lets two readers see the
+//     nonce before either deletes it; we use DELETE ... RETURNING so only one wins.
+type pgAtomic struct {
+	database.DB
+	sql *sql.DB
+}
+
+func pgTable(bucket []byte) string { return pgx.Identifier{string(bucket)}.Sanitize() }
+
+func (p *pgAtomic) CmpAndSwap(bucket, key, oldValue, newValue []byte) ([]byte, bool, error) {
+	t := pgTable(bucket)
+	var res sql.Result
+	var err error
+	if len(oldValue) == 0 {
+		res, err = p.sql.Exec(`INSERT INTO `+t+` (nkey, nvalue) VALUES ($1, $2)
+			ON CONFLICT (nkey) DO UPDATE SET nvalue = EXCLUDED.nvalue
+			WHERE `+t+`.nvalue IS NULL OR octet_length(`+t+`.nvalue) = 0`, key, newValue)
+	} else {
+		res, err = p.sql.Exec(`UPDATE `+t+` SET nvalue = $3 WHERE nkey = $1 AND nvalue = $2`, key, oldValue, newValue)
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("compare-and-swap %s: %w", bucket, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return nil, false, err
+	}
+	if n == 1 {
+		return newValue, true, nil
+	}
+	cur, err := p.DB.Get(bucket, key)
+	if err != nil && !database.IsErrNotFound(err) {
+		return nil, false, err
+	}
+	return cur, false, nil
+}
+
+func (p *pgAtomic) Update(tx *database.Tx) error {
+	ops := tx.Operations
+	if len(ops) == 2 && ops[0].Cmd == database.Get && ops[1].Cmd == database.Delete &&
+		string(ops[0].Bucket) == string(ops[1].Bucket) && string(ops[0].Key) == string(ops[1].Key) {
+		var v []byte
+		err := p.sql.QueryRowContext(context.Background(),
+			`DELETE FROM `+pgTable(ops[0].Bucket)+` WHERE nkey = $1 RETURNING nvalue`, ops[0].Key).Scan(&v)
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			return fmt.Errorf("%s/%s: %w", ops[0].Bucket, ops[0].Key, database.ErrNotFound)
+		case err != nil:
+			return fmt.Errorf("delete %s: %w", ops[0].Bucket, err)
+		}
+		ops[0].Result = v
+		return nil
+	}
+	return p.DB.Update(tx)
+}
