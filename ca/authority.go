@@ -37,14 +37,14 @@ import (
 // Authority is the running certificate authority. Its methods are safe for
 // concurrent use.
 type Authority struct {
-	cfg      Config
-	pki      *pki
-	db       *authDB
-	auth     *authority.Authority
-	rootPool *x509.CertPool
+	cfg       Config
+	pki       *pki
+	db        *authDB
+	auth      *authority.Authority
+	rootPool  *x509.CertPool
 	interPool *x509.CertPool
-	rootFP   string
-	handler  http.Handler
+	rootFP    string
+	handler   http.Handler
 
 	acmeDB     *acmeNoSQL.DB
 	acmeClient *validationClient
@@ -620,7 +620,9 @@ func (a *Authority) NewEABKey(ctx context.Context, name string) (keyID string, h
 }
 
 // ACMEDirectoryURL is the ACME directory of the built-in CA.
-func (a *Authority) ACMEDirectoryURL() string { return a.cfg.URL + "/acme/" + acmeProvisionerName + "/directory" }
+func (a *Authority) ACMEDirectoryURL() string {
+	return a.cfg.URL + "/acme/" + acmeProvisionerName + "/directory"
+}
 
 // Handler returns step-ca's HTTP API, to be served on the h2/http1.1 ALPN of the
 // gateway's TLS port (client certificate requested, not required):

@@ -367,5 +367,4 @@ func mapHTTPError(status int, body []byte, kind requestKind) error {
 	return fmt.Errorf("the CA answered HTTP %d: %s", status, msg)
 }
 
-
 func pkixName(cn string) pkix.Name { return pkix.Name{CommonName: cn} }
