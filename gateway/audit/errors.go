@@ -1,0 +1,35 @@
+package audit
+
+import "errors"
+
+// Errors returned by [Log] methods. Compare with errors.Is.
+var (
+	// ErrClosed is returned by Write after Close.
+	ErrClosed = errors.New("audit log is closed")
+	// ErrBroken is returned by Write after an earlier write or fsync failed:
+	// the file may end in a partial line, so nothing more is chained onto it
+	// until the log is reopened (Open seals the partial line).
+	ErrBroken = errors.New("audit log is unusable after a failed write; reopen it")
+	// ErrLocked is returned by Open when another process or Log holds the file.
+	ErrLocked = errors.New("audit log is already open for writing elsewhere (another gateway on the same data directory?)")
+)
+
+// Verification failures. A *VerifyError wraps exactly one of them, so a
+// caller can tell the kind of damage with errors.Is.
+var (
+	// ErrMalformed: a line is not a well-formed audit record (bad JSON, no
+	// seq, prev or type, or too long), and is not a sealed torn line.
+	ErrMalformed = errors.New("not a valid audit record")
+	// ErrModified: a line's prev does not match the hash of the line before
+	// it although seq continues: that earlier line (or this prev) was edited.
+	ErrModified = errors.New("line modified")
+	// ErrDeleted: seq jumps forward and the chain is broken there: records
+	// were removed.
+	ErrDeleted = errors.New("records deleted")
+	// ErrReordered: seq goes backwards or repeats, or a record missing at
+	// one place appears later: lines were moved or duplicated.
+	ErrReordered = errors.New("records reordered or duplicated")
+	// ErrSeq: the chain links but seq does not increase by exactly one (or
+	// the first record does not start at 1): the seq field was altered.
+	ErrSeq = errors.New("sequence number broken")
+)

@@ -1,0 +1,9 @@
+//go:build !(linux || darwin || freebsd || netbsd || openbsd || dragonfly)
+
+package audit
+
+import "os"
+
+// lockFile is a no-op where flock is unavailable: there, running two
+// gateways on one data directory is not detected.
+func lockFile(*os.File) error { return nil }
