@@ -125,11 +125,20 @@ func (g *Gateway) adminRevoke(w http.ResponseWriter, r *http.Request, role ca.Ro
 			g.rememberSerial(c.Serial, id)
 		}
 	}
+	// The sessions live now are closed by OnRevoke during RevokeIdentity; they are noted first
+	// so the answer can count them.
+	live := g.peers.ofIdentity(id)
 	serials, err := g.authority.RevokeIdentity(ctx, id, "revoked by an administrator")
 	// Close the live sessions of the identity whatever their certificate, even if the
 	// revocation failed half-way.
-	closed := g.peers.closeIdentity(id, reasonRevoked)
-	g.counters.closedRevoked.Add(int64(len(closed)))
+	closed := map[*peer]bool{}
+	for _, p := range live {
+		closed[p] = true
+	}
+	for _, p := range g.peers.closeIdentity(id, reasonRevoked) {
+		g.counters.closedRevoked.Add(1)
+		closed[p] = true
+	}
 	for _, s := range serials {
 		g.auditRevoked(s, id, "revoked by an administrator")
 	}

@@ -39,6 +39,10 @@ const (
 	caDirName       = "ca"
 )
 
+// auditNoSyncForTests turns off the audit log's fsync per record. Only this package's tests
+// set it (to keep them fast on a shared disk); production always syncs.
+var auditNoSyncForTests = false
+
 // gatewayID names the gateway's own certificate (spiffe://<td>/gateway/<id>) and its hello.
 const gatewayID = "gateway"
 
@@ -127,7 +131,8 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		names = append(names, "localhost", "127.0.0.1", "::1")
 	}
 
-	g.audit, err = audit.Open(filepath.Join(cfg.DataDir, AuditLogName), cfg.Clock.Now)
+	g.audit, err = audit.OpenWithOptions(filepath.Join(cfg.DataDir, AuditLogName),
+		audit.Options{Now: cfg.Clock.Now, NoSync: auditNoSyncForTests})
 	if err != nil {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
@@ -144,6 +149,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		AgentLifetime: cfg.AgentLifetime,
 		UserLifetime:  cfg.UserLifetime,
 		Logger:        cfg.Logger.With("component", "ca"),
+		Now:           cfg.Clock.Now,
 		OnRevoke:      g.onRevoke,
 	})
 	if err != nil {

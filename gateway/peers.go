@@ -47,9 +47,11 @@ func newPeer(id string, ident ca.Identity, leaf *x509.Certificate, sess *tunnel.
 }
 
 // closeWith records why the gateway closed the session (first reason wins) and closes it.
-func (p *peer) closeWith(reason string) {
-	p.closeReason.CompareAndSwap(nil, &reason)
+// It reports whether this call gave the reason.
+func (p *peer) closeWith(reason string) bool {
+	first := p.closeReason.CompareAndSwap(nil, &reason)
 	_ = p.sess.Close()
+	return first
 }
 
 // reason is why the session ended: the gateway's reason, or "connection closed".
@@ -99,7 +101,8 @@ func (x *peerIndex) remove(p *peer) {
 	}
 }
 
-// closeSerials closes every live session whose certificate has one of serials.
+// closeSerials closes every live session whose certificate has one of serials, and returns
+// those it closed first (not already closed for another reason).
 func (x *peerIndex) closeSerials(serials []string, reason string) []*peer {
 	x.mu.Lock()
 	var victims []*peer
@@ -109,28 +112,38 @@ func (x *peerIndex) closeSerials(serials []string, reason string) []*peer {
 		}
 	}
 	x.mu.Unlock()
-	for _, p := range victims {
-		p.closeWith(reason)
-	}
-	return victims
+	return closeFirst(victims, reason)
 }
 
-// closeIdentity closes every live session of id, whatever its certificate.
-func (x *peerIndex) closeIdentity(id ca.Identity, reason string) []*peer {
+func closeFirst(victims []*peer, reason string) []*peer {
+	var out []*peer
+	for _, p := range victims {
+		if p.closeWith(reason) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// ofIdentity returns the live sessions of id.
+func (x *peerIndex) ofIdentity(id ca.Identity) []*peer {
 	x.mu.Lock()
-	var victims []*peer
+	defer x.mu.Unlock()
+	var out []*peer
 	for _, set := range x.bySerial {
 		for p := range set {
 			if p.ident == id {
-				victims = append(victims, p)
+				out = append(out, p)
 			}
 		}
 	}
-	x.mu.Unlock()
-	for _, p := range victims {
-		p.closeWith(reason)
-	}
-	return victims
+	return out
+}
+
+// closeIdentity closes every live session of id, whatever its certificate, and returns
+// those it closed first.
+func (x *peerIndex) closeIdentity(id ca.Identity, reason string) []*peer {
+	return closeFirst(x.ofIdentity(id), reason)
 }
 
 // serials returns the serials of all live sessions.

@@ -1,0 +1,694 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/wicketgw/wicket/ca"
+	"github.com/wicketgw/wicket/gateway/audit"
+	"github.com/wicketgw/wicket/tunnel"
+)
+
+// glog (pulled in by step-ca) starts a flush daemon in its init; it is not ours.
+var leakOpts = []goleak.Option{goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon")}
+
+func TestMain(m *testing.M) {
+	auditNoSyncForTests = true
+	goleak.VerifyTestMain(m, leakOpts...)
+}
+
+// checkLeaks fails the test if a goroutine it started is still running once all its
+// cleanups (registered later, so run earlier) are done.
+func checkLeaks(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t, leakOpts...) })
+}
+
+func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+func TestAgentRegistersAndUserStreamIsRelayed(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	echo := echoServer(t)
+
+	agent, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "inst-1", map[string]string{"echo": echo})
+	if err != nil {
+		t.Fatalf("agent connect: %v", err)
+	}
+	if agent.ack.Name != gatewayID || agent.ack.Instance == "" {
+		t.Fatalf("gateway hello = %+v, want name %q and a session id", agent.ack, gatewayID)
+	}
+	list := tg.Registry().List()
+	if len(list) != 1 || list[0].Name != "db1" || list[0].Status != "online" || !slices.Equal(list[0].Resources, []string{"echo"}) {
+		t.Fatalf("registry = %+v", list)
+	}
+
+	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+	if err != nil {
+		t.Fatalf("user dial: %v", err)
+	}
+	defer user.Close()
+	st, err := openStream(user, "echo")
+	if err != nil {
+		t.Fatalf("open stream: %v", err)
+	}
+	// The session shows up in the sessions table while it is open.
+	if !eventually(5*time.Second, func() bool {
+		s := tg.Sessions()
+		return len(s) == 1 && s[0].User == "alice" && s[0].Agent == "db1" && s[0].Resource == "echo"
+	}) {
+		t.Fatalf("sessions = %+v", tg.Sessions())
+	}
+	payload := make([]byte, 1<<20)
+	_, _ = rand.Read(payload)
+	writeErr := make(chan error, 1)
+	go func() {
+		_, err := st.Write(payload)
+		if err == nil {
+			err = st.CloseWrite()
+		}
+		writeErr <- err
+	}()
+	got, err := io.ReadAll(st)
+	if err != nil {
+		t.Fatalf("read echo: %v", err)
+	}
+	if err := <-writeErr; err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	st.Close()
+	if !bytes.Equal(got, payload) {
+		t.Fatalf("echoed %d bytes, want the %d sent, identical", len(got), len(payload))
+	}
+	ended := tg.waitAudit("session.ended", func(r audit.Record) bool { return r.Type == audit.TypeSessionEnded })
+	if ended.User != "alice" || ended.Agent != "db1" || ended.Resource != "echo" ||
+		ended.BytesUp != int64(len(payload)) || ended.BytesDown != int64(len(payload)) || ended.Outcome != audit.OutcomeOK {
+		t.Fatalf("session.ended = %+v", ended)
+	}
+	tg.waitAudit("agent.connected", func(r audit.Record) bool {
+		return r.Type == audit.TypeAgentConnected && r.Agent == "db1" && r.TLSVersion == "TLS 1.3"
+	})
+	tg.waitAudit("session.started", func(r audit.Record) bool { return r.Type == audit.TypeSessionStarted && r.SessionID == ended.SessionID })
+	if c := tg.Counters(); c.BytesUp != int64(len(payload)) || c.Streams["ok"] != 1 {
+		t.Fatalf("counters = %+v", c)
+	}
+
+	agent.close()
+	tg.waitAudit("agent.disconnected", func(r audit.Record) bool { return r.Type == audit.TypeAgentDisconnected && r.Agent == "db1" })
+	if l := tg.Registry().List(); len(l) != 1 || l[0].Status != "offline" {
+		t.Fatalf("after disconnect registry = %+v", l)
+	}
+	// An offline agent's resource is unavailable, with a reason naming it.
+	_, err = openStream(user, "echo")
+	if s, reason, ok := replyStatus(err); !ok || s != tunnel.StatusUnavailable || !strings.Contains(reason, "db1") {
+		t.Fatalf("stream to offline agent: err = %v", err)
+	}
+	user.Close()
+	tg.stop()
+}
+
+func TestStreamRefusals(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	echo := echoServer(t)
+	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo, "down": closedPort(t)}); err != nil {
+		t.Fatal(err)
+	}
+	bob, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "bob"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bob.Close()
+	alice, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer alice.Close()
+
+	cases := []struct {
+		name   string
+		sess   *tunnel.Session
+		res    string
+		status tunnel.Status
+		reason string
+	}{
+		{"policy deny", bob, "echo", tunnel.StatusRefused, "policy does not allow user bob to reach resource echo"},
+		{"no agent", alice, "nope", tunnel.StatusUnknownResource, "no connected agent exposes resource nope"},
+		{"agent dial failed", alice, "down", tunnel.StatusDialFailed, "connection refused"},
+	}
+	for _, c := range cases {
+		_, err := openStream(c.sess, c.res)
+		s, reason, ok := replyStatus(err)
+		if !ok || s != c.status || !strings.Contains(reason, c.reason) {
+			t.Errorf("%s: err = %v, want status %v with %q", c.name, err, c.status, c.reason)
+		}
+	}
+	tg.waitAudit("session.denied for bob", func(r audit.Record) bool {
+		return r.Type == audit.TypeSessionDenied && r.User == "bob" && r.Outcome == audit.OutcomeDenied && r.Resource == "echo"
+	})
+	tg.waitAudit("session.denied dial failed", func(r audit.Record) bool {
+		return r.Type == audit.TypeSessionDenied && r.Agent == "db1" && strings.Contains(r.Reason, "connection refused")
+	})
+	// The refusals did not disturb the working path.
+	st, err := openStream(alice, "echo")
+	if err != nil {
+		t.Fatalf("echo after refusals: %v", err)
+	}
+	if _, err := st.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(st, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("echo = %q, %v", buf, err)
+	}
+	st.Close()
+	bob.Close()
+	alice.Close()
+	tg.stop()
+}
+
+func TestWrongRoleRefusedInHandshake(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	userCreds := tg.enroll(ca.RoleUser, "alice")
+	agentCreds := tg.enroll(ca.RoleAgent, "db1")
+
+	// A user certificate on the agent ALPN: the session never comes up.
+	if a, err := tg.connectAgent(userCreds, "i", map[string]string{"echo": "127.0.0.1:1"}); err == nil {
+		a.close()
+		t.Fatal("user certificate accepted on the agent ALPN")
+	}
+	// An agent certificate on the client ALPN: no stream can be opened.
+	if sess, err := tg.dial(tunnel.ALPNClient, agentCreds); err == nil {
+		_, err = openStream(sess, "echo")
+		sess.Close()
+		if err == nil {
+			t.Fatal("agent certificate accepted on the client ALPN")
+		}
+	}
+	if !eventually(5*time.Second, func() bool { return tg.Counters().HandshakesRefused[refusedWrongRole] == 2 }) {
+		t.Fatalf("refused = %v, want 2 %q", tg.Counters().HandshakesRefused, refusedWrongRole)
+	}
+	r := tg.waitAudit("tls.refused wrong role", func(r audit.Record) bool {
+		return r.Type == audit.TypeTLSRefused && r.Reason == refusedWrongRole
+	})
+	if r.Remote == "" {
+		t.Fatalf("tls.refused without remote address: %+v", r)
+	}
+	if len(tg.Registry().List()) != 0 {
+		t.Fatalf("a refused agent was registered: %+v", tg.Registry().List())
+	}
+	tg.stop()
+}
+
+func TestHandshakeRefusals(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, func(c *Config) { c.HandshakeTimeout = 300 * time.Millisecond })
+	pool := tg.Authority().RootPool()
+	host, _, _ := net.SplitHostPort(tg.PublicAddr())
+	handshake := func(c *tls.Config) error {
+		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", tg.Addr().String(), c)
+		if err != nil {
+			return err
+		}
+		defer conn.Close()
+		// TLS 1.3 clients learn about a refused client certificate on their first read.
+		_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = conn.Read(make([]byte, 1))
+		return err
+	}
+	// TLS 1.2 only.
+	if err := handshake(&tls.Config{RootCAs: pool, ServerName: host, MaxVersion: tls.VersionTLS12, NextProtos: []string{"h2"}}); err == nil {
+		t.Error("TLS 1.2 handshake accepted")
+	}
+	// No client certificate on the agent ALPN.
+	_ = handshake(&tls.Config{RootCAs: pool, ServerName: host, NextProtos: []string{tunnel.ALPNAgent}})
+	// An ALPN nobody serves.
+	if err := handshake(&tls.Config{RootCAs: pool, ServerName: host, NextProtos: []string{"smtp"}}); err == nil {
+		t.Error("unknown ALPN accepted")
+	}
+	// A peer that connects and says nothing.
+	c, err := net.Dial("tcp", tg.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, _ = c.Read(make([]byte, 1)) // returns when the gateway gives up
+	c.Close()
+
+	want := []string{refusedVersion, refusedNoCert, refusedBadALPN, refusedTimeout}
+	if !eventually(5*time.Second, func() bool {
+		got := tg.Counters().HandshakesRefused
+		for _, w := range want {
+			if got[w] < 1 {
+				return false
+			}
+		}
+		return true
+	}) {
+		t.Fatalf("refused = %v, want each of %q", tg.Counters().HandshakesRefused, want)
+	}
+	for _, w := range want {
+		tg.waitAudit("tls.refused "+w, func(r audit.Record) bool { return r.Type == audit.TypeTLSRefused && r.Reason == w })
+	}
+	tg.stop()
+}
+
+func TestCAAPIOverHTTP2(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	host, _, _ := net.SplitHostPort(tg.PublicAddr())
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: tg.Authority().RootPool(), ServerName: host}, ForceAttemptHTTP2: true}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Get("https://" + tg.Addr().String() + "/roots")
+	if err != nil {
+		t.Fatalf("GET /roots: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 || resp.ProtoMajor != 2 || !strings.Contains(string(body), "BEGIN CERTIFICATE") {
+		t.Fatalf("GET /roots: %s %s %s", resp.Proto, resp.Status, body)
+	}
+	tr.CloseIdleConnections()
+	tg.stop()
+}
+
+func TestRevokeClosesLiveSessionAndRefusesReconnect(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	echo := echoServer(t)
+	creds := tg.enroll(ca.RoleAgent, "db1")
+	agent, err := tg.connectAgent(creds, "i", map[string]string{"echo": echo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer user.Close()
+	st, err := openStream(user, "echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+
+	admin := NewAdminClient(tg.dir)
+	defer admin.Close()
+	start := time.Now()
+	res, err := admin.RevokeAgent(context.Background(), "db1")
+	if err != nil {
+		t.Fatalf("revoke: %v", err)
+	}
+	if len(res.RevokedSerials) != 1 || res.RevokedSerials[0] != creds.Chain[0].SerialNumber.String() || res.ClosedSessions != 1 {
+		t.Fatalf("revoke result = %+v", res)
+	}
+	select {
+	case <-agent.sess.Done():
+	case <-time.After(time.Second - time.Since(start)):
+		t.Fatal("agent session still open 1s after revocation")
+	}
+	// The user's in-flight stream through that agent ends too.
+	_ = st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAll(st); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("user stream through the revoked agent still open")
+	}
+	// Reconnecting with the revoked certificate is refused.
+	if a, err := tg.connectAgent(creds, "i", map[string]string{"echo": echo}); err == nil {
+		a.close()
+		t.Fatal("revoked agent reconnected")
+	}
+	tg.waitAudit("cert.revoked", func(r audit.Record) bool {
+		return r.Type == audit.TypeCertRevoked && r.Agent == "db1" && r.Serial == res.RevokedSerials[0]
+	})
+	tg.waitAudit("agent.disconnected revoked", func(r audit.Record) bool {
+		return r.Type == audit.TypeAgentDisconnected && r.Reason == reasonRevoked
+	})
+	tg.waitAudit("tls.refused revoked", func(r audit.Record) bool {
+		return r.Type == audit.TypeTLSRefused && r.Reason == refusedRevoked
+	})
+	// Revoking a user closes their session the same way.
+	ures, err := admin.RevokeUser(context.Background(), "alice")
+	if err != nil || ures.ClosedSessions != 1 {
+		t.Fatalf("revoke user: %+v, %v", ures, err)
+	}
+	select {
+	case <-user.Done():
+	case <-time.After(time.Second):
+		t.Fatal("user session still open 1s after revocation")
+	}
+	// Nothing to revoke: 404 with a sentence.
+	_, err = admin.RevokeAgent(context.Background(), "ghost")
+	if !errors.Is(err, ErrNotFound) {
+		t.Fatalf("revoke ghost: %v", err)
+	}
+	tg.stop()
+}
+
+func TestRevocationByAnotherPathIsSwept(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	creds := tg.enroll(ca.RoleAgent, "db1")
+	agent, err := tg.connectAgent(creds, "i", map[string]string{"echo": "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Authority.Revoke also fires OnRevoke; the sweep is the net under it. Either must close
+	// the session within a second.
+	if err := tg.Authority().Revoke(context.Background(), creds.Chain[0].SerialNumber.String(), "test"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-agent.sess.Done():
+	case <-time.After(time.Second):
+		t.Fatal("agent session still open 1s after revocation")
+	}
+	tg.stop()
+}
+
+func TestCertificateExpiryClosesSession(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, func(c *Config) { c.AgentLifetime = 5 * time.Minute })
+	creds := tg.enroll(ca.RoleAgent, "db1")
+	if life := creds.Chain[0].NotAfter.Sub(creds.Chain[0].NotBefore); life > 10*time.Minute {
+		t.Fatalf("agent certificate lifetime %v, want about 5m", life)
+	}
+	agent, err := tg.connectAgent(creds, "i", map[string]string{"echo": "127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg.clock.Advance(4 * time.Minute)
+	select {
+	case <-agent.sess.Done():
+		t.Fatal("session closed before its certificate expired")
+	default:
+	}
+	tg.clock.Advance(2 * time.Minute)
+	select {
+	case <-agent.sess.Done():
+	case <-time.After(time.Second):
+		t.Fatal("session still open after its certificate expired")
+	}
+	tg.waitAudit("agent.disconnected expired", func(r audit.Record) bool {
+		return r.Type == audit.TypeAgentDisconnected && r.Reason == reasonExpired
+	})
+	if c := tg.Counters(); c.SessionsClosedExpired != 1 {
+		t.Fatalf("counters = %+v", c)
+	}
+	// The expired certificate cannot open a new session.
+	if a, err := tg.connectAgent(creds, "i", map[string]string{"echo": "127.0.0.1:1"}); err == nil {
+		a.close()
+		t.Fatal("expired certificate accepted")
+	}
+	tg.stop()
+}
+
+func TestSameNameInstancesShareAndRenewalDrains(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	echo := echoServer(t)
+	a1, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db"), "inst-1", map[string]string{"echo": echo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db"), "inst-2", map[string]string{"echo": echo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer user.Close()
+	roundTrip := func() {
+		t.Helper()
+		st, err := openStream(user, "echo")
+		if err != nil {
+			t.Fatalf("open: %v", err)
+		}
+		defer st.Close()
+		if _, err := st.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, 1)
+		if _, err := io.ReadFull(st, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 4 {
+		roundTrip()
+	}
+	if a1.servedCount() != 2 || a2.servedCount() != 2 {
+		t.Fatalf("streams served: %d and %d, want 2 and 2", a1.servedCount(), a2.servedCount())
+	}
+	if l := tg.Registry().List(); len(l) != 1 || l[0].Instances != 2 || l[0].Sessions != 2 {
+		t.Fatalf("registry = %+v", l)
+	}
+
+	// Make-before-break: instance 1 renews, opens a new session, then drains the old one.
+	old := a1
+	st, err := openStream(user, "echo") // lands on a1 (round-robin turn) and stays open
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if a1.servedCount() != 3 {
+		t.Fatalf("expected the held stream on instance 1, counts %d/%d", a1.servedCount(), a2.servedCount())
+	}
+	a1new, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db"), "inst-1", map[string]string{"echo": echo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := old.sess.GoAway(); err != nil {
+		t.Fatal(err)
+	}
+	for range 4 {
+		roundTrip()
+	}
+	if old.servedCount() != 3 || a1new.servedCount() != 2 || a2.servedCount() != 4 {
+		t.Fatalf("after renewal: old %d, new %d, other %d; want 3, 2, 4", old.servedCount(), a1new.servedCount(), a2.servedCount())
+	}
+	// The stream on the draining session still works.
+	if _, err := st.Write([]byte("still")); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 5)
+	if _, err := io.ReadFull(st, b); err != nil || string(b) != "still" {
+		t.Fatalf("draining stream: %q %v", b, err)
+	}
+	st.Close()
+	user.Close()
+	tg.stop()
+}
+
+func TestGracefulDrain(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, func(c *Config) { c.GracePeriod = 10 * time.Second })
+	echo := echoServer(t)
+	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
+		t.Fatal(err)
+	}
+	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer user.Close()
+	st, err := openStream(user, "echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg.cancel()
+	// New streams are refused while the open one keeps flowing.
+	if !eventually(5*time.Second, func() bool {
+		_, err := openStream(user, "echo")
+		s, _, ok := replyStatus(err)
+		return ok && s == tunnel.StatusUnavailable
+	}) {
+		t.Fatal("new streams still accepted while draining")
+	}
+	if _, err := st.Write([]byte("drain")); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 5)
+	if _, err := io.ReadFull(st, b); err != nil || string(b) != "drain" {
+		t.Fatalf("stream during drain: %q %v", b, err)
+	}
+	select {
+	case err := <-tg.runErr:
+		t.Fatalf("Run returned (%v) while a stream was open", err)
+	default:
+	}
+	// The new listener is closed.
+	if c, err := net.DialTimeout("tcp", tg.Addr().String(), time.Second); err == nil {
+		c.Close()
+		t.Fatal("listener still accepting while draining")
+	}
+	start := time.Now()
+	_ = st.CloseWrite()
+	_, _ = io.ReadAll(st)
+	st.Close()
+	select {
+	case err := <-tg.runErr:
+		if err != nil {
+			t.Fatal(err)
+		}
+		tg.runErr <- nil // for stop()
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after the last stream ended")
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("Run took %v after the last stream", d)
+	}
+	user.Close()
+	tg.stop()
+}
+
+func TestGracePeriodCutsLongStreams(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, func(c *Config) { c.GracePeriod = 300 * time.Millisecond })
+	echo := echoServer(t)
+	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
+		t.Fatal(err)
+	}
+	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer user.Close()
+	st, err := openStream(user, "echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	tg.stop() // returns within the grace period plus closing time
+	tg.waitAudit("session.ended at shutdown", func(r audit.Record) bool {
+		return r.Type == audit.TypeSessionEnded && r.Outcome == audit.OutcomeError
+	})
+}
+
+func TestAdminAPI(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	fi, err := os.Stat(tg.AdminSocket())
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("admin socket: %v %v", fi.Mode(), err)
+	}
+	if fi, err := os.Stat(tg.dir); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("data dir mode: %v", err)
+	}
+	admin := NewAdminClient(tg.dir)
+	defer admin.Close()
+	ctx := context.Background()
+	tok, err := admin.CreateToken(ctx, ca.RoleAgent, "db1", 5*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := ca.InspectToken(tok)
+	if err != nil || info.Identity.Name != "db1" || info.Identity.Role != ca.RoleAgent || info.URL != "https://"+tg.PublicAddr() {
+		t.Fatalf("token: %+v %v", info, err)
+	}
+	rec := tg.waitAudit("token.created", func(r audit.Record) bool { return r.Type == audit.TypeTokenCreated && r.Agent == "db1" })
+	raw, _ := os.ReadFile(filepath.Join(tg.dir, AuditLogName))
+	if bytes.Contains(raw, []byte(tok)) {
+		t.Fatal("the token was written to the audit log")
+	}
+	_ = rec
+	// The token works once.
+	creds, err := ca.Enroll(ctx, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tg.connectAgent(creds, "i", map[string]string{"echo": "127.0.0.1:1"}); err != nil {
+		t.Fatal(err)
+	}
+	agents, err := admin.Agents(ctx)
+	if err != nil || len(agents) != 1 || agents[0].Name != "db1" || agents[0].Status != "online" ||
+		!agents[0].CertExpires.Equal(creds.Chain[0].NotAfter) {
+		t.Fatalf("agents = %+v, %v", agents, err)
+	}
+	sessions, err := admin.Sessions(ctx)
+	if err != nil || len(sessions) != 0 {
+		t.Fatalf("sessions = %+v, %v", sessions, err)
+	}
+	for _, bad := range []struct{ role, name string }{{"admin", "x"}, {"agent", "Bad_Name"}} {
+		_, err := admin.CreateToken(ctx, ca.Role(bad.role), bad.name, 0)
+		var ae *AdminError
+		if !errors.As(err, &ae) || ae.Status != http.StatusBadRequest || ae.Message == "" {
+			t.Errorf("token %v: %v", bad, err)
+		}
+	}
+	tg.stop()
+	// With the gateway gone, the client says how to fix it.
+	_, err = admin.Agents(ctx)
+	if !errors.Is(err, ErrGatewayUnreachable) || !strings.Contains(err.Error(), "wicket gateway --data-dir "+tg.dir) {
+		t.Fatalf("unreachable: %v", err)
+	}
+}
+
+func TestRestartReusesState(t *testing.T) {
+	checkLeaks(t)
+	dir := t.TempDir()
+	var root []byte
+	for i := range 2 {
+		tg := startGateway(t, func(c *Config) { c.DataDir = dir; c.PolicyFile = "" })
+		if i == 0 {
+			root = tg.Authority().Root().Raw
+		} else if !bytes.Equal(root, tg.Authority().Root().Raw) {
+			t.Fatal("restart created a new root")
+		}
+		// Without a policy every user is denied.
+		echo := echoServer(t)
+		if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
+			t.Fatal(err)
+		}
+		user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = openStream(user, "echo")
+		if s, _, ok := replyStatus(err); !ok || s != tunnel.StatusRefused {
+			t.Fatalf("no policy: %v", err)
+		}
+		user.Close()
+		tg.stop()
+	}
+	res, err := audit.VerifyFile(filepath.Join(dir, AuditLogName))
+	if err != nil || res.Records < 10 {
+		t.Fatalf("audit over two runs: %+v %v", res, err)
+	}
+}
+
+// A certificate from another CA is refused as unknown.
+func TestUnknownCARefused(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	other := startGateway(t, nil)
+	creds := other.enroll(ca.RoleAgent, "db1")
+	other.stop()
+	// Trust tg's root so the handshake reaches client verification.
+	creds.Root = tg.Authority().Root()
+	if a, err := tg.connectAgent(creds, "i", nil); err == nil {
+		a.close()
+		t.Fatal("foreign certificate accepted")
+	}
+	tg.waitAudit("tls.refused unknown CA", func(r audit.Record) bool {
+		return r.Type == audit.TypeTLSRefused && r.Reason == refusedUnknownCA
+	})
+	_ = x509.NewCertPool
+	tg.stop()
+}
