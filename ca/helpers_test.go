@@ -85,7 +85,12 @@ func testLogger(t testing.TB) *slog.Logger {
 // startEnv starts a CA on dir/dsn. mod may adjust the config before New.
 func startEnv(t testing.TB, dir, dsn string, mod func(*Config)) *testEnv {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return startEnvListen(t, dir, dsn, "127.0.0.1:0", mod)
+}
+
+func startEnvListen(t testing.TB, dir, dsn, addr string, mod func(*Config)) *testEnv {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +123,8 @@ func startEnv(t testing.TB, dir, dsn string, mod func(*Config)) *testEnv {
 		ReadHeaderTimeout: 10 * time.Second,
 	}
 	e.srv.ErrorLog = newDiscardLog()
-	go func() { _ = e.srv.ServeTLS(ln, "", "") }()
+	srv := e.srv
+	go func() { _ = srv.ServeTLS(ln, "", "") }()
 	t.Cleanup(e.close)
 	return e
 }
