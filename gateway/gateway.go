@@ -157,7 +157,12 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 	}
 
 	if cfg.PolicyFile != "" {
-		g.policy, err = policy.Watch(g.bgCtx, cfg.PolicyFile, cfg.Logger.With("component", "policy"), cfg.PolicyInterval)
+		g.policy, err = policy.NewWatcher(g.bgCtx, policy.WatchConfig{
+			Path:     cfg.PolicyFile,
+			Interval: cfg.PolicyInterval,
+			Logger:   cfg.Logger.With("component", "policy"),
+			OnReload: g.policyReloaded,
+		})
 		if err != nil {
 			return nil, fmt.Errorf("load policy %s: %w", cfg.PolicyFile, err)
 		}
@@ -355,9 +360,22 @@ func (g *Gateway) goFunc(f func()) {
 	}()
 }
 
-// allow is the policy decision; without a policy file nobody is allowed.
-func (g *Gateway) allow(user, resource string) bool {
-	return g.policy != nil && g.policy.Allow(user, resource)
+// decide is the policy decision; without a policy file nobody is allowed.
+func (g *Gateway) decide(user, resource string) policy.Decision {
+	if g.policy == nil {
+		return policy.Decision{}
+	}
+	return g.policy.Decide(user, resource)
+}
+
+// policyReloaded audits each change of the policy file: applied, or rejected and why.
+func (g *Gateway) policyReloaded(err error) {
+	r := audit.Record{Type: audit.TypePolicyReloaded, Outcome: audit.OutcomeOK,
+		Extra: map[string]string{"path": g.cfg.PolicyFile}}
+	if err != nil {
+		r.Outcome, r.Reason = audit.OutcomeError, "the new policy was rejected, the previous one stays in force: "+err.Error()
+	}
+	g.record(r)
 }
 
 // record writes an audit record; a failure to audit is logged loudly (it is not silently lost).

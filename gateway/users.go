@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -141,7 +142,8 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 		deny(tunnel.StatusUnavailable, "unavailable", "", "the gateway is shutting down; retry in a moment")
 		return
 	}
-	if !g.allow(user, h.Resource) {
+	decision := g.decide(user, h.Resource)
+	if !decision.Allowed {
 		deny(tunnel.StatusRefused, "denied", "", fmt.Sprintf("policy does not allow user %s to reach resource %s", user, h.Resource))
 		return
 	}
@@ -193,7 +195,8 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 	}
 	r := base
 	r.Agent, r.Type, r.Outcome = as.name, audit.TypeSessionStarted, audit.OutcomeOK
-	r.Extra = map[string]string{"agent_session": as.id}
+	r.Extra = map[string]string{"agent_session": as.id, "policy_rule": strconv.Itoa(decision.Rule),
+		"policy_line": strconv.Itoa(decision.Line)}
 	g.record(r)
 
 	ls := &liveSession{info: SessionInfo{ID: id, User: user, Agent: as.name, Resource: h.Resource, Remote: p.remote, Started: started},
