@@ -146,11 +146,11 @@ func (g *Gateway) adminRevoke(w http.ResponseWriter, r *http.Request, role ca.Ro
 		writeError(w, http.StatusInternalServerError, fmt.Sprintf("revoking %s %s failed: %v", role, name, err))
 		return
 	}
-	g.log.Info("identity revoked", "identity", id.String(), "serials", len(serials), "closed_sessions", len(closed))
 	if len(serials) == 0 && len(closed) == 0 {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("%s %s holds no unexpired certificate", role, name))
 		return
 	}
+	g.log.Info("identity revoked", "identity", id.String(), "serials", len(serials), "closed_sessions", len(closed))
 	if serials == nil {
 		serials = []string{}
 	}

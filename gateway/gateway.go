@@ -43,6 +43,17 @@ const (
 // set it (to keep them fast on a shared disk); production always syncs.
 var auditNoSyncForTests = false
 
+// Limits on what unauthenticated peers can cost.
+const (
+	// maxHandshakes bounds TLS handshakes in progress at once; each is also bounded in time
+	// by HandshakeTimeout.
+	maxHandshakes = 1024
+	// refusedAuditRate and refusedAuditBurst bound the audit records (and log lines) of
+	// refused handshakes: a burst of 100, then 10 per second. Every refusal is counted.
+	refusedAuditRate  = 10
+	refusedAuditBurst = 100
+)
+
 // gatewayID names the gateway's own certificate (spiffe://<td>/gateway/<id>) and its hello.
 const gatewayID = "gateway"
 
@@ -72,7 +83,11 @@ type Gateway struct {
 	bgCancel context.CancelFunc
 	wg       sync.WaitGroup // every goroutine the gateway starts
 	draining atomic.Bool
-	active   activeCount // user streams being relayed
+	// handshakeSlots bounds concurrent TLS handshakes (maxHandshakes).
+	handshakeSlots chan struct{}
+	// refusedLimit rate-limits the log lines and audit records of refused handshakes.
+	refusedLimit *rateLimit
+	active       activeCount // user streams being relayed
 
 	revokeMu      sync.Mutex
 	knownSerials  map[string]ca.Identity // serial -> identity, to name who a revoked serial belonged to
@@ -93,14 +108,16 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		return nil, err
 	}
 	g = &Gateway{
-		cfg:           cfg,
-		log:           cfg.Logger,
-		clock:         cfg.Clock,
-		registry:      NewRegistry(),
-		peers:         newPeerIndex(),
-		sessions:      newSessionTable(),
-		knownSerials:  map[string]ca.Identity{},
-		revokeAudited: map[string]bool{},
+		cfg:            cfg,
+		log:            cfg.Logger,
+		clock:          cfg.Clock,
+		registry:       NewRegistry(),
+		peers:          newPeerIndex(),
+		sessions:       newSessionTable(),
+		knownSerials:   map[string]ca.Identity{},
+		handshakeSlots: make(chan struct{}, maxHandshakes),
+		refusedLimit:   newRateLimit(refusedAuditRate, refusedAuditBurst),
+		revokeAudited:  map[string]bool{},
 	}
 	g.bgCtx, g.bgCancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {

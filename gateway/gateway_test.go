@@ -692,3 +692,69 @@ func TestUnknownCARefused(t *testing.T) {
 	_ = x509.NewCertPool
 	tg.stop()
 }
+
+func TestPolicyReload(t *testing.T) {
+	checkLeaks(t)
+	var polPath string
+	tg := startGateway(t, func(c *Config) { c.PolicyInterval = 20 * time.Millisecond; polPath = c.PolicyFile })
+	echo := echoServer(t)
+	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
+		t.Fatal(err)
+	}
+	bob, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "bob"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bob.Close()
+	if _, err := openStream(bob, "echo"); !errors.Is(err, tunnel.ErrRefused) {
+		t.Fatalf("bob before reload: %v", err)
+	}
+	if err := os.WriteFile(polPath, []byte("rules:\n  - users: [\"bob\"]\n    resources: [\"echo\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if !eventually(5*time.Second, func() bool {
+		st, err := openStream(bob, "echo")
+		if err == nil {
+			st.Close()
+		}
+		return err == nil
+	}) {
+		t.Fatal("bob still refused after the policy allowed him")
+	}
+	tg.waitAudit("policy.reloaded", func(r audit.Record) bool {
+		return r.Type == audit.TypePolicyReloaded && r.Outcome == audit.OutcomeOK
+	})
+	// An invalid policy is rejected and the previous one stays.
+	if err := os.WriteFile(polPath, []byte("rules:\n  - users: [\"bob\"]\n    resourcez: [\"echo\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tg.waitAudit("policy.reloaded rejected", func(r audit.Record) bool {
+		return r.Type == audit.TypePolicyReloaded && r.Outcome == audit.OutcomeError
+	})
+	st, err := openStream(bob, "echo")
+	if err != nil {
+		t.Fatalf("previous policy not kept: %v", err)
+	}
+	st.Close()
+	bob.Close()
+	tg.stop()
+}
+
+func TestRateLimit(t *testing.T) {
+	l := newRateLimit(10, 3)
+	now := time.Unix(1000, 0)
+	for i := range 3 {
+		if ok, _ := l.allow(now); !ok {
+			t.Fatalf("event %d of the burst refused", i)
+		}
+	}
+	for range 5 {
+		if ok, _ := l.allow(now); ok {
+			t.Fatal("event beyond the burst allowed")
+		}
+	}
+	ok, suppressed := l.allow(now.Add(100 * time.Millisecond))
+	if !ok || suppressed != 5 {
+		t.Fatalf("after refill: ok=%v suppressed=%d, want true 5", ok, suppressed)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -63,6 +64,14 @@ func (g *Gateway) acceptLoop() {
 			continue
 		}
 		delay = 0
+		// Bound the handshakes in progress: beyond the limit, new connections wait in the
+		// kernel's backlog instead of each costing a goroutine and a TLS state.
+		select {
+		case g.handshakeSlots <- struct{}{}:
+		case <-g.bgCtx.Done():
+			_ = raw.Close()
+			return
+		}
 		g.goFunc(func() { g.handleConn(raw) })
 	}
 }
@@ -234,6 +243,7 @@ func (g *Gateway) handleConn(raw net.Conn) {
 	err := conn.HandshakeContext(ctx)
 	ctxErr := ctx.Err()
 	cancel()
+	<-g.handshakeSlots
 	if err != nil {
 		_ = conn.Close()
 		if errors.Is(err, context.Canceled) && g.bgCtx.Err() != nil {
@@ -265,12 +275,55 @@ func (g *Gateway) handleConn(raw net.Conn) {
 	}
 }
 
-// refused counts, logs and audits a refused handshake.
+// refused counts, logs and audits a refused handshake. Anyone on the network can cause one,
+// so beyond a burst the log lines and audit records are rate-limited (every refusal is still
+// counted), and the next record written says how many were left out.
 func (g *Gateway) refused(remote, reason string, err error) {
 	g.counters.refusedInc(reason)
+	ok, suppressed := g.refusedLimit.allow(time.Now())
+	if !ok {
+		return
+	}
 	g.log.Info("refused TLS handshake", "remote", remote, "reason", reason, "err", err)
+	extra := map[string]string{"error": err.Error()}
+	if suppressed > 0 {
+		extra["suppressed_before"] = strconv.FormatInt(suppressed, 10)
+	}
 	g.record(audit.Record{Type: audit.TypeTLSRefused, Remote: remote, Reason: reason,
-		Outcome: audit.OutcomeDenied, Extra: map[string]string{"error": err.Error()}})
+		Outcome: audit.OutcomeDenied, Extra: extra})
+}
+
+// rateLimit is a token bucket: burst events at once, then rate per second.
+type rateLimit struct {
+	mu         sync.Mutex
+	burst      float64
+	rate       float64
+	tokens     float64
+	last       time.Time
+	suppressed int64
+}
+
+func newRateLimit(rate, burst float64) *rateLimit {
+	return &rateLimit{rate: rate, burst: burst, tokens: burst}
+}
+
+// allow reports whether an event may go through now and, if so, how many were suppressed
+// since the last one that went through.
+func (l *rateLimit) allow(now time.Time) (bool, int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.last.IsZero() {
+		l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
+	}
+	l.last = now
+	if l.tokens < 1 {
+		l.suppressed++
+		return false, 0
+	}
+	l.tokens--
+	s := l.suppressed
+	l.suppressed = 0
+	return true, s
 }
 
 // memListener is a net.Listener fed with connections the router already handshook, so the CA's
