@@ -144,7 +144,7 @@ func (w *Watcher) poll() {
 		if !w.seenTwice("read error: " + err.Error()) {
 			return
 		}
-		w.reject(fmt.Errorf("policy file %s cannot be read, keeping the previous policy: %w", w.cfg.Path, err))
+		w.reject(err)
 		return
 	}
 	h := sha256.Sum256(data)
@@ -161,7 +161,7 @@ func (w *Watcher) poll() {
 	}
 	p, err := Parse(data)
 	if err != nil {
-		w.reject(fmt.Errorf("policy file %s changed but is invalid, keeping the previous policy: %w", w.cfg.Path, err))
+		w.reject(fmt.Errorf("policy file %s: %w", w.cfg.Path, err))
 		return
 	}
 	w.cur.Store(p)
@@ -189,7 +189,7 @@ func (w *Watcher) reject(err error) {
 		return
 	}
 	w.rejected = err.Error()
-	w.log.Error(err.Error())
+	w.log.Error("policy file change rejected, keeping the previous policy", "path", w.cfg.Path, "err", err)
 	if w.cfg.OnReload != nil {
 		w.cfg.OnReload(err)
 	}
