@@ -248,6 +248,9 @@ func TestWriteErrors(t *testing.T) {
 	if err := l.Write(big); err == nil {
 		t.Fatal("oversized record was written")
 	}
+	if err := l.Write(Record{Type: TypeLogRecovered}); err == nil {
+		t.Fatal("a caller wrote a log.recovered record")
+	}
 	// A rejected record writes nothing, so the log stays usable.
 	if err := l.Write(sampleRecord(1)); err != nil {
 		t.Fatalf("Write after rejected record: %v", err)
@@ -413,6 +416,17 @@ func TestTamperingDetected(t *testing.T) {
 				return append(ls, moved)
 			},
 			line: 2, kind: ErrReordered, contains: "appears later on line 5",
+		},
+		{
+			name: "inserted forged record",
+			mutate: func(ls [][]byte) [][]byte {
+				// Chained correctly onto line 2, but line 3 still points at line 2.
+				forged, _ := json.Marshal(Record{Time: t0, Seq: 3, Type: TypeSessionStarted, User: "mallory", Prev: hex.EncodeToString(sha256Of(ls[1]))})
+				out := append([][]byte{}, ls[:2]...)
+				out = append(out, append(forged, '\n'))
+				return append(out, ls[2:]...)
+			},
+			line: 4, kind: ErrReordered, contains: "inserted",
 		},
 		{
 			name: "duplicated line",
@@ -599,6 +613,29 @@ func TestTornTailVariants(t *testing.T) {
 		openLog(t, path).Close()
 		res, err = VerifyFile(path)
 		if err != nil || res.TornTail || res.Records != 3 || len(res.Sealed) != 1 {
+			t.Fatalf("after sealing: %+v, %v", res, err)
+		}
+	})
+	t.Run("last record cut mid-write", func(t *testing.T) {
+		path := writeN(t, 3)
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(path, fi.Size()-20); err != nil {
+			t.Fatal(err)
+		}
+		res, err := VerifyFile(path)
+		if err != nil || !res.TornTail || res.Records != 2 {
+			t.Fatalf("VerifyFile = %+v, %v", res, err)
+		}
+		l := openLog(t, path)
+		if err := l.Write(sampleRecord(4)); err != nil {
+			t.Fatal(err)
+		}
+		l.Close()
+		res, err = VerifyFile(path)
+		if err != nil || res.TornTail || res.Records != 4 || res.LastSeq != 4 || len(res.Sealed) != 1 || res.Sealed[0] != 3 {
 			t.Fatalf("after sealing: %+v, %v", res, err)
 		}
 	})

@@ -27,7 +27,7 @@ var (
 	// were removed.
 	ErrDeleted = errors.New("records deleted")
 	// ErrReordered: seq goes backwards or repeats, or a record missing at
-	// one place appears later: lines were moved or duplicated.
+	// one place appears later: lines were inserted, moved or duplicated.
 	ErrReordered = errors.New("records reordered or duplicated")
 	// ErrSeq: the chain links but seq does not increase by exactly one (or
 	// the first record does not start at 1): the seq field was altered.

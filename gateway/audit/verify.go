@@ -228,7 +228,7 @@ func (v *verifier) check(l *rawLine) error {
 		if rec.Seq == last {
 			what = "repeats"
 		}
-		return &VerifyError{Line: l.no, Kind: ErrReordered, Detail: fmt.Sprintf("seq %d %s seq %d of line %d: lines were reordered or duplicated", rec.Seq, what, last, l.no-1)}
+		return &VerifyError{Line: l.no, Kind: ErrReordered, Detail: fmt.Sprintf("seq %d %s seq %d of line %d: a line was inserted, duplicated or moved", rec.Seq, what, last, l.no-1)}
 	case rec.Seq > last+1 && !linked:
 		return &gapError{line: l.no, from: last, to: rec.Seq}
 	case rec.Seq > last+1:

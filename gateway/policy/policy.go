@@ -293,19 +293,36 @@ func validPattern(p string) error {
 	if p == "" {
 		return errors.New("empty pattern; use \"*\" to match every name")
 	}
-	for _, c := range p {
-		switch {
-		case c >= 'a' && c <= 'z', c >= '0' && c <= '9', c == '-':
-		case c == '*', c == '?', c == '[', c == ']', c == '^':
-		default:
-			return fmt.Errorf("pattern %q contains %q; names use only lowercase letters, digits and '-', and patterns may add * ? [ ] ^", p, c)
-		}
+	if err := globChars(p); err != nil {
+		return err
 	}
 	if _, err := path.Match(p, ""); err != nil {
 		return fmt.Errorf("pattern %q is not a valid glob: %w", p, err)
 	}
 	if !strings.ContainsAny(p, "*?[") && !validName(p) {
 		return fmt.Errorf("%q is not a valid name (1-63 lowercase letters, digits or '-', not starting or ending with '-'), so it would never match", p)
+	}
+	return nil
+}
+
+// globChars accepts only what can match a Wicket name: name characters and
+// * ? outside a class, name characters (and a leading ^) inside [...].
+// Anything else would make the pattern silently match nothing.
+func globChars(p string) error {
+	inClass, classStart := false, 0
+	for i, c := range p {
+		nameChar := c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-'
+		switch {
+		case nameChar:
+		case !inClass && (c == '*' || c == '?'):
+		case !inClass && c == '[':
+			inClass, classStart = true, i+1
+		case inClass && c == '^' && i == classStart:
+		case inClass && c == ']' && i > classStart:
+			inClass = false
+		default:
+			return fmt.Errorf("pattern %q: %q cannot appear there; names use only lowercase letters, digits and '-', and patterns may add *, ? and classes such as [0-9] or [^x]", p, c)
+		}
 	}
 	return nil
 }
