@@ -122,7 +122,7 @@ func (g *Gateway) adminRevoke(w http.ResponseWriter, r *http.Request, role ca.Ro
 	// Learn the serials first so the cert.revoked records name whose certificates they were.
 	if issued, err := g.authority.Issued(ctx, id); err == nil {
 		for _, c := range issued {
-			g.rememberSerial(c.Serial, id)
+			g.rememberSerial(c.Serial, id, c.NotAfter)
 		}
 	}
 	// The sessions live now are closed by OnRevoke during RevokeIdentity; they are noted first

@@ -31,7 +31,7 @@ func (g *Gateway) startPeer(conn *tls.Conn, ident ca.Identity, remote string) *p
 	leaf := cs.PeerCertificates[0]
 	p := newPeer(newID(), ident, leaf, sess, remote, g.clock.Now())
 	p.tlsVer, p.cipher = tls.VersionName(cs.Version), tls.CipherSuiteName(cs.CipherSuite)
-	g.rememberSerial(p.serial, ident)
+	g.rememberSerial(p.serial, ident, p.notAfter)
 	if !g.peers.add(p) {
 		_ = sess.Close()
 		return nil

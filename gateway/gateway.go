@@ -90,8 +90,8 @@ type Gateway struct {
 	active       activeCount // user streams being relayed
 
 	revokeMu      sync.Mutex
-	knownSerials  map[string]ca.Identity // serial -> identity, to name who a revoked serial belonged to
-	revokeAudited map[string]bool        // serials whose cert.revoked record is written
+	knownSerials  map[string]knownSerial // serial -> holder, to name who a revoked serial belonged to
+	revokeAudited map[string]time.Time   // serials whose cert.revoked record is written, and when
 
 	runOnce   sync.Once
 	ran       atomic.Bool
@@ -114,10 +114,10 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		registry:       NewRegistry(),
 		peers:          newPeerIndex(),
 		sessions:       newSessionTable(),
-		knownSerials:   map[string]ca.Identity{},
+		knownSerials:   map[string]knownSerial{},
 		handshakeSlots: make(chan struct{}, maxHandshakes),
 		refusedLimit:   newRateLimit(refusedAuditRate, refusedAuditBurst),
-		revokeAudited:  map[string]bool{},
+		revokeAudited:  map[string]time.Time{},
 	}
 	g.bgCtx, g.bgCancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
@@ -407,11 +407,16 @@ func (g *Gateway) record(r audit.Record) {
 func (g *Gateway) sweepRevoked() {
 	t := time.NewTicker(g.cfg.RevocationSweep)
 	defer t.Stop()
+	lastPrune := time.Now()
 	for {
 		select {
 		case <-g.bgCtx.Done():
 			return
 		case <-t.C:
+		}
+		if time.Since(lastPrune) > time.Minute {
+			lastPrune = time.Now()
+			g.pruneSerials(time.Now())
 		}
 		var revoked []string
 		for _, s := range g.peers.serials() {
@@ -445,13 +450,13 @@ func (g *Gateway) onRevoke(serials []string) {
 // auditRevoked writes one cert.revoked record per serial.
 func (g *Gateway) auditRevoked(serial string, id ca.Identity, reason string) {
 	g.revokeMu.Lock()
-	if g.revokeAudited[serial] {
+	if _, done := g.revokeAudited[serial]; done {
 		g.revokeMu.Unlock()
 		return
 	}
-	g.revokeAudited[serial] = true
+	g.revokeAudited[serial] = time.Now()
 	if id == (ca.Identity{}) {
-		id = g.knownSerials[serial]
+		id = g.knownSerials[serial].id
 	}
 	g.revokeMu.Unlock()
 	if id == (ca.Identity{}) {
@@ -462,11 +467,34 @@ func (g *Gateway) auditRevoked(serial string, id ca.Identity, reason string) {
 	g.record(r)
 }
 
+// knownSerial is who holds a certificate, until when.
+type knownSerial struct {
+	id       ca.Identity
+	notAfter time.Time
+}
+
 // rememberSerial notes who holds serial, so a later revocation record can name them.
-func (g *Gateway) rememberSerial(serial string, id ca.Identity) {
+func (g *Gateway) rememberSerial(serial string, id ca.Identity, notAfter time.Time) {
 	g.revokeMu.Lock()
 	defer g.revokeMu.Unlock()
-	g.knownSerials[serial] = id
+	g.knownSerials[serial] = knownSerial{id: id, notAfter: notAfter}
+}
+
+// pruneSerials forgets certificates that expired (nobody revokes those) and audited
+// revocations older than the longest lifetime, so the maps do not grow for ever.
+func (g *Gateway) pruneSerials(now time.Time) {
+	g.revokeMu.Lock()
+	defer g.revokeMu.Unlock()
+	for s, k := range g.knownSerials {
+		if now.After(k.notAfter) {
+			delete(g.knownSerials, s)
+		}
+	}
+	for s, at := range g.revokeAudited {
+		if now.Sub(at) > 25*time.Hour {
+			delete(g.revokeAudited, s)
+		}
+	}
 }
 
 // setIdentity fills the identity fields of an audit record.

@@ -758,3 +758,39 @@ func TestRateLimit(t *testing.T) {
 		t.Fatalf("after refill: ok=%v suppressed=%d, want true 5", ok, suppressed)
 	}
 }
+
+// The CA API on the gateway port authenticates renewals by the client certificate: a valid
+// one renews, a revoked one is refused with the reason (not a TLS alert), and a certificate
+// from another CA never gets past the handshake.
+func TestRenewThroughGatewayPort(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	ctx := context.Background()
+	base := "https://" + tg.PublicAddr()
+	creds := tg.enroll(ca.RoleAgent, "db1")
+	renewed, err := ca.Renew(ctx, base, creds)
+	if err != nil {
+		t.Fatalf("renew: %v", err)
+	}
+	if renewed.Chain[0].SerialNumber.Cmp(creds.Chain[0].SerialNumber) == 0 {
+		t.Fatal("renewal returned the same certificate")
+	}
+	if err := tg.Authority().Revoke(ctx, renewed.Chain[0].SerialNumber.String(), "test"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.Renew(ctx, base, renewed); !errors.Is(err, ca.ErrRevoked) {
+		t.Fatalf("renew a revoked certificate: %v, want ErrRevoked", err)
+	}
+
+	other := startGateway(t, nil)
+	foreign := other.enroll(ca.RoleAgent, "db1")
+	other.stop()
+	foreign.Root = tg.Authority().Root()
+	if _, err := ca.Renew(ctx, base, foreign); err == nil {
+		t.Fatal("a certificate from another CA renewed")
+	}
+	tg.waitAudit("tls.refused unknown CA on the CA API", func(r audit.Record) bool {
+		return r.Type == audit.TypeTLSRefused && r.Reason == refusedUnknownCA
+	})
+	tg.stop()
+}
