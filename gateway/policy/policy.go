@@ -17,6 +17,10 @@
 // uppercase letter, a malformed glob, an empty list, or a second YAML document
 // is an error naming the line.
 //
+// Rules are tried in order and the first match allows. A decision costs
+// about 0.3-0.5 µs against a one-rule policy and 16-19 µs against 100 rules
+// when only the last one matches (BenchmarkDecide, 2 shared vCPU).
+//
 // [Watcher] keeps a policy current while the file changes, and keeps the last
 // good policy when a change is invalid.
 //
@@ -283,11 +287,24 @@ func patterns(seq *yaml.Node, key string) ([]string, error) {
 	return out, nil
 }
 
-var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
-
-// validName is the same rule as ca.ValidName, repeated here so that the
-// policy package does not pull in the certificate authority.
-func validName(s string) bool { return nameRE.MatchString(s) }
+// validName is ca.ValidName's rule, ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$,
+// repeated here so that the policy package does not pull in the certificate
+// authority, and written out because it runs on every decision.
+func validName(s string) bool {
+	if len(s) == 0 || len(s) > 63 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
+		case c == '-' && i > 0 && i < len(s)-1:
+		default:
+			return false
+		}
+	}
+	return true
+}
 
 func validPattern(p string) error {
 	if p == "" {

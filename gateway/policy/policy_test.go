@@ -93,13 +93,15 @@ rules:
 
 func TestInvalidNamesAlwaysDenied(t *testing.T) {
 	p := mustParse(t, "rules:\n  - users: [\"*\"]\n    resources: [\"*\"]\n")
-	for _, c := range [][2]string{{"", "web"}, {"alice", ""}, {"Alice", "web"}, {"a/b", "web"}, {"alice", "../web"}, {"-a", "web"}, {strings.Repeat("a", 64), "web"}} {
+	for _, c := range [][2]string{{"", "web"}, {"alice", ""}, {"Alice", "web"}, {"a/b", "web"}, {"alice", "../web"}, {"-a", "web"}, {"a-", "web"}, {"a_b", "web"}, {strings.Repeat("a", 64), "web"}} {
 		if p.Allow(c[0], c[1]) {
 			t.Errorf("Allow(%q, %q) = true for an invalid name", c[0], c[1])
 		}
 	}
-	if !p.Allow("alice", "web") {
-		t.Error("valid names denied by a * policy")
+	for _, n := range []string{"alice", "a", "0", "a-b", strings.Repeat("a", 63)} {
+		if !p.Allow(n, "web") {
+			t.Errorf("valid name %q denied by a * policy", n)
+		}
 	}
 }
 
