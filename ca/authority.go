@@ -51,6 +51,9 @@ type Authority struct {
 
 	gwCert atomic.Pointer[tls.Certificate]
 
+	peerCache  sync.Map // peerKey -> peerEntry
+	peerCacheN atomic.Int64
+
 	stop     chan struct{}
 	done     chan struct{}
 	closeOne sync.Once
@@ -401,7 +404,9 @@ func (a *Authority) now() time.Time { return a.cfg.Now() }
 // VerifyPeer checks a TLS peer chain (leaf first): it chains to our root through our
 // intermediate with the EKU of the role (client auth; server auth for RoleGateway),
 // it is valid at Config.Now, it carries exactly one SPIFFE ID in our trust domain with
-// role want, and its serial is not revoked. It is cheap: no database access.
+// role want, and its serial is not revoked. It is cheap: no database access, and the
+// signature chain of a leaf is verified once and then cached (by the SHA-256 of its
+// DER) while the chain is valid; validity, role and revocation are checked every call.
 func (a *Authority) VerifyPeer(chain []*x509.Certificate, want Role) (Identity, error) {
 	if len(chain) == 0 {
 		return Identity{}, fmt.Errorf("verify peer: %w: no certificate presented", ErrUnknownCA)
@@ -411,30 +416,50 @@ func (a *Authority) VerifyPeer(chain []*x509.Certificate, want Role) (Identity, 
 	if now.After(leaf.NotAfter) {
 		return Identity{}, fmt.Errorf("verify peer: %w (expired %s)", ErrExpired, leaf.NotAfter.UTC().Format(time.RFC3339))
 	}
-	inters := a.interPool
-	if len(chain) > 1 {
-		inters = a.interPool.Clone()
-		for _, c := range chain[1:] {
-			inters.AddCert(c)
-		}
+	if now.Before(leaf.NotBefore) {
+		return Identity{}, fmt.Errorf("verify peer: %w: the certificate is not valid before %s", ErrUnknownCA, leaf.NotBefore.UTC().Format(time.RFC3339))
 	}
 	eku := x509.ExtKeyUsageClientAuth
 	if want == RoleGateway {
 		eku = x509.ExtKeyUsageServerAuth
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{
-		Roots: a.rootPool, Intermediates: inters, CurrentTime: now,
-		KeyUsages: []x509.ExtKeyUsage{eku},
-	}); err != nil {
-		var cie x509.CertificateInvalidError
-		if errors.As(err, &cie) && cie.Reason == x509.Expired {
-			return Identity{}, fmt.Errorf("verify peer: %w", ErrExpired)
+	key := peerKey{sum: sha256.Sum256(leaf.Raw), eku: eku}
+	var id Identity
+	if v, ok := a.peerCache.Load(key); ok && now.Before(v.(peerEntry).chainNotAfter) {
+		id = v.(peerEntry).id
+	} else {
+		inters := a.interPool
+		if len(chain) > 1 {
+			inters = a.interPool.Clone()
+			for _, c := range chain[1:] {
+				inters.AddCert(c)
+			}
 		}
-		return Identity{}, fmt.Errorf("verify peer: %w: %v", ErrUnknownCA, err)
-	}
-	id, err := ParseIdentity(leaf)
-	if err != nil {
-		return Identity{}, fmt.Errorf("verify peer: %w", err)
+		chains, err := leaf.Verify(x509.VerifyOptions{
+			Roots: a.rootPool, Intermediates: inters, CurrentTime: now,
+			KeyUsages: []x509.ExtKeyUsage{eku},
+		})
+		if err != nil {
+			var cie x509.CertificateInvalidError
+			if errors.As(err, &cie) && cie.Reason == x509.Expired {
+				return Identity{}, fmt.Errorf("verify peer: %w", ErrExpired)
+			}
+			return Identity{}, fmt.Errorf("verify peer: %w: %v", ErrUnknownCA, err)
+		}
+		if id, err = ParseIdentity(leaf); err != nil {
+			return Identity{}, fmt.Errorf("verify peer: %w", err)
+		}
+		notAfter := leaf.NotAfter
+		for _, c := range chains[0] {
+			if c.NotAfter.Before(notAfter) {
+				notAfter = c.NotAfter
+			}
+		}
+		if a.peerCacheN.Add(1) > maxPeerCache {
+			a.peerCache.Clear()
+			a.peerCacheN.Store(0)
+		}
+		a.peerCache.Store(key, peerEntry{id: id, chainNotAfter: notAfter})
 	}
 	if id.TrustDomain != a.cfg.TrustDomain {
 		return Identity{}, fmt.Errorf("verify peer: %w: trust domain %q is not %q", ErrUnknownCA, id.TrustDomain, a.cfg.TrustDomain)
@@ -446,6 +471,19 @@ func (a *Authority) VerifyPeer(chain []*x509.Certificate, want Role) (Identity, 
 		return Identity{}, fmt.Errorf("verify peer %s: %w", id, ErrRevoked)
 	}
 	return id, nil
+}
+
+// maxPeerCache bounds the verified-leaf cache; when full it is simply emptied.
+const maxPeerCache = 50000
+
+type peerKey struct {
+	sum [32]byte
+	eku x509.ExtKeyUsage
+}
+
+type peerEntry struct {
+	id            Identity
+	chainNotAfter time.Time
 }
 
 // IsRevoked reports whether the certificate with this decimal serial was revoked. It

@@ -107,8 +107,10 @@ func (g *guard) serveSign(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUnauthorized, verr)
 		return
 	}
+	g.a.db.verified.Store(req.OTT, struct{}{})
 	rec := &bufferedWriter{header: http.Header{}, status: http.StatusOK}
 	g.next.ServeHTTP(rec, r)
+	g.a.db.verified.Delete(req.OTT)
 	if rec.status == http.StatusUnauthorized && jti != "" && g.a.tokenRecorded(jti) {
 		// step-ca says only "unauthorized"; the token was recorded by a concurrent
 		// request that won.

@@ -144,6 +144,9 @@ func TestRenewExpired(t *testing.T) {
 		c.Now = func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
 	})
 	cur := mustEnroll(t, mustToken(t, e.a, RoleAgent, "late"))
+	if _, err := e.a.VerifyPeer(cur.Chain, RoleAgent); err != nil { // now cached
+		t.Fatal(err)
+	}
 	offset.Store(int64(2 * time.Hour)) // the CA's clock says the 1h certificate expired
 	_, err := Renew(ctx10s(t), e.url, cur)
 	wantErr(t, err, ErrExpired)
@@ -180,6 +183,19 @@ func TestVerifyPeer(t *testing.T) {
 	}
 	if n := new(big.Int).SetInt64(1); n == nil {
 		t.Fatal()
+	}
+}
+
+// BenchmarkVerifyPeerUncached is the baseline: full chain verification every time.
+func BenchmarkVerifyPeerUncached(b *testing.B) {
+	e := startEnv(b, b.TempDir(), "", nil)
+	c := mustEnroll(b, mustToken(b, e.a, RoleAgent, "bench"))
+	b.ResetTimer()
+	for b.Loop() {
+		e.a.peerCache.Clear()
+		if _, err := e.a.VerifyPeer(c.Chain, RoleAgent); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
 
