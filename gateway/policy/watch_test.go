@@ -132,8 +132,22 @@ func TestWatchReloads(t *testing.T) {
 		t.Fatal("renamed-in policy not applied")
 	}
 
-	// Saved in place (truncate and write), not by rename.
-	if err := os.WriteFile(f.path, []byte(carolDB), 0o600); err != nil {
+	// Saved in place (same inode), not by rename. The new content is longer
+	// and written in one call without O_TRUNC: with a 2 ms interval on a
+	// loaded machine, a truncate-then-write could be seen empty on two polls
+	// and be applied (as deny-all), which is correct behaviour but not what
+	// this test is about.
+	if len(carolDB) <= len(bobWeb) {
+		t.Fatal("test setup: carolDB must be longer than bobWeb")
+	}
+	fh, err := os.OpenFile(f.path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fh.Write([]byte(carolDB)); err != nil {
+		t.Fatal(err)
+	}
+	if err := fh.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.nextReload(t); err != nil {
