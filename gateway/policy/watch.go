@@ -43,7 +43,8 @@ type WatchConfig struct {
 // file once a second costs about 11 µs (BenchmarkPoll), needs no dependency, survives editors
 // that save by rename and directories that are replaced (Kubernetes ConfigMap
 // symlink swaps), and, unlike comparing mtime and size, cannot miss an edit
-// that keeps the size within the kernel's coarse timestamp granularity.
+// that keeps the file's size and lands in the same coarse kernel timestamp
+// tick as the previous write.
 //
 // A new content is applied only after it was read identically on two
 // consecutive polls: a save caught half-written must not be enforced, since a
