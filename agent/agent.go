@@ -1,0 +1,362 @@
+// Package agent is the Wicket agent: it enrolls with a one-time token (or
+// restarts from its stored identity), dials OUT to the gateway, keeps one
+// mutually authenticated tunnel session up with reconnect backoff, and
+// serves the gateway's stream-open requests for the resources it was started
+// with, by dialing them. It renews its certificate at about 2/3 of its
+// lifetime and moves to a new session make-before-break, so no stream fails
+// because of a renewal.
+//
+// What it must NOT do: dial anything that is not in Config.Expose (the
+// gateway names a resource, never an address, so a compromised gateway
+// cannot use an agent to reach anything else); accept inbound connections;
+// log a token or a key; keep running on an expired or revoked certificate.
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/wicketgw/wicket/agent/identity"
+	"github.com/wicketgw/wicket/ca"
+	"github.com/wicketgw/wicket/tunnel"
+)
+
+// Config configures an agent.
+type Config struct {
+	// DataDir holds the agent's identity (key, certificate chain, pinned root,
+	// gateway URL). Required. Created 0700 on enrollment.
+	DataDir string
+	// Token is a one-time agent token from `wicket token create agent NAME`.
+	// Empty: restart from the identity stored in DataDir. With a token and
+	// an identity already in DataDir:
+	//   - the same token that enrolled it (a restart of a unit file that still
+	//     passes --token): the stored identity is used, the token ignored;
+	//   - a token for the same agent and gateway: the agent enrolls again and
+	//     replaces the stored identity (the way back after revocation or
+	//     expiry); if that token turns out to be spent or expired while the
+	//     stored certificate is still valid, the stored identity is used;
+	//   - a token for another agent or gateway: an error, nothing is touched
+	//     (use another DataDir, or delete this one).
+	Token string
+	// Expose maps a resource name (a DNS label) to the host:port the agent
+	// dials for it. The only addresses the agent ever dials. Required.
+	Expose map[string]string
+	// Tunnel holds the session knobs. Zero: tunnel.DefaultConfig().
+	Tunnel tunnel.Config
+	// DialTimeout bounds dialing a resource. Default 10s.
+	DialTimeout time.Duration
+	// HelloTimeout bounds the hello exchange of a new session. Default 15s.
+	HelloTimeout time.Duration
+	// DrainTimeout bounds how long a session replaced after a renewal keeps
+	// serving the streams it already carries. Zero (default): until its last
+	// stream ends or its certificate expires, whichever comes first (the
+	// gateway closes a session at its certificate's expiry anyway).
+	DrainTimeout time.Duration
+	// Reconnect is the backoff between connection attempts. Nil: 500 ms
+	// doubling up to 30 s with full jitter, reset after a minute of uptime.
+	Reconnect *tunnel.Backoff
+	// Version is announced in the hello. Default "dev".
+	Version string
+	// Logger receives the agent's events. Default: discard.
+	Logger *slog.Logger
+
+	// Now and After are the clock, for renewal scheduling, backoff waits and
+	// drain bounds. Defaults time.Now and time.After; tests inject a fake.
+	Now   func() time.Time
+	After func(time.Duration) <-chan time.Time
+	// Enroll and Renew talk to the CA. Defaults ca.Enroll and ca.Renew.
+	Enroll func(ctx context.Context, token string) (*ca.Credentials, error)
+	Renew  func(ctx context.Context, baseURL string, cur *ca.Credentials) (*ca.Credentials, error)
+}
+
+// ErrConfig marks an invalid Config.
+var ErrConfig = errors.New("invalid agent configuration")
+
+func (c *Config) setDefaults() error {
+	if c.DataDir == "" {
+		return fmt.Errorf("%w: a data directory is required (--data-dir or WICKET_DATA_DIR)", ErrConfig)
+	}
+	if len(c.Expose) == 0 {
+		return fmt.Errorf("%w: expose at least one resource (--expose NAME=HOST:PORT)", ErrConfig)
+	}
+	for name, addr := range c.Expose {
+		if err := ca.ValidName(name); err != nil {
+			return fmt.Errorf("%w: resource name: %v", ErrConfig, err)
+		}
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil || host == "" || port == "" {
+			return fmt.Errorf("%w: resource %s: %q is not HOST:PORT", ErrConfig, name, addr)
+		}
+	}
+	if c.Tunnel == (tunnel.Config{}) {
+		c.Tunnel = tunnel.DefaultConfig()
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Tunnel.Logger == nil {
+		c.Tunnel.Logger = c.Logger
+	}
+	if err := c.Tunnel.Verify(); err != nil {
+		return fmt.Errorf("%w: %v", ErrConfig, err)
+	}
+	if c.DialTimeout <= 0 {
+		c.DialTimeout = 10 * time.Second
+	}
+	if c.HelloTimeout <= 0 {
+		c.HelloTimeout = 15 * time.Second
+	}
+	if c.Reconnect == nil {
+		c.Reconnect = &tunnel.Backoff{}
+	}
+	if c.Version == "" {
+		c.Version = "dev"
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.After == nil {
+		c.After = time.After
+	}
+	if c.Enroll == nil {
+		c.Enroll = ca.Enroll
+	}
+	if c.Renew == nil {
+		c.Renew = ca.Renew
+	}
+	return nil
+}
+
+// Run runs the agent until ctx ends (then it returns nil) or it cannot go on:
+// a configuration or enrollment error, or a terminal certificate state (an
+// *identity.ExpiredError or *identity.RevokedError, whose text tells the
+// operator to enroll again with a new token). Connection failures are not
+// terminal: the agent reconnects with backoff and logs why.
+func Run(ctx context.Context, cfg Config) error {
+	if err := cfg.setDefaults(); err != nil {
+		return err
+	}
+	stored, err := obtainIdentity(ctx, &cfg)
+	if err != nil {
+		return err
+	}
+	a, err := newAgent(cfg, stored)
+	if err != nil {
+		return err
+	}
+	return a.run(ctx)
+}
+
+// agent is one running agent process.
+type agent struct {
+	cfg      Config
+	log      *slog.Logger
+	meta     identity.Meta
+	renewer  *identity.Renewer
+	addr     string
+	roots    *x509.CertPool
+	host     string
+	instance string
+	names    []string
+
+	drains       sync.WaitGroup // sessions being drained after a switch
+	lastDiagnose time.Time
+}
+
+func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
+	u, err := url.Parse(stored.URL)
+	if err != nil || u.Host == "" {
+		return nil, fmt.Errorf("the stored gateway URL %q in %s is not usable: enroll again with a new token", stored.URL, cfg.DataDir)
+	}
+	addr := u.Host
+	if u.Port() == "" {
+		addr = net.JoinHostPort(u.Hostname(), "443")
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(stored.Creds.Root)
+	var inst [8]byte
+	_, _ = rand.Read(inst[:])
+	names := make([]string, 0, len(cfg.Expose))
+	for n := range cfg.Expose {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	log := cfg.Logger.With("agent", stored.Name)
+	return &agent{
+		cfg:  cfg,
+		log:  log,
+		meta: stored.Meta,
+		renewer: identity.NewRenewer(stored, identity.RenewerConfig{
+			Dir: cfg.DataDir, Renew: cfg.Renew, Logger: log, Now: cfg.Now, After: cfg.After,
+		}),
+		addr:     addr,
+		roots:    roots,
+		host:     u.Hostname(),
+		instance: hex.EncodeToString(inst[:]),
+		names:    names,
+	}, nil
+}
+
+func (a *agent) run(ctx context.Context) error {
+	leaf := a.renewer.Current().Chain[0]
+	a.log.Info("agent starting", "gateway", a.meta.URL, "resources", a.names, "instance", a.instance,
+		"cert_expires", leaf.NotAfter.UTC().Format(time.RFC3339))
+
+	rctx, stop := context.WithCancelCause(ctx)
+	defer stop(nil)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := a.renewer.Run(rctx); err != nil && rctx.Err() == nil {
+			stop(err) // expired or revoked: nothing more this process can do
+		}
+	}()
+	tunnel.Retry(rctx, a.cfg.Reconnect, a.cfg.After,
+		func(ctx context.Context) error { return a.connect(ctx, stop) },
+		func(err error, wait time.Duration) {
+			a.log.Warn(fmt.Sprintf("gateway session ended; reconnecting in %s", wait.Round(time.Millisecond)),
+				"reason", err, "gateway", a.addr)
+		})
+	stop(nil)
+	wg.Wait()
+	a.drains.Wait()
+	if err := context.Cause(rctx); ctx.Err() == nil && err != nil && !errors.Is(err, context.Canceled) {
+		a.log.Error("agent stopped", "err", err)
+		return err
+	}
+	a.log.Info("agent stopped")
+	return nil
+}
+
+// connect runs one connection: it dials a session, serves it, and replaces
+// it make-before-break after each renewal. It returns when the current
+// session ends or ctx does. A terminal state is reported through fail.
+func (a *agent) connect(ctx context.Context, fail context.CancelCauseFunc) error {
+	if err := identity.CheckValid(&identity.Stored{Creds: a.renewer.Current()}, a.cfg.Now()); err != nil {
+		fail(err)
+		return err
+	}
+	cur, err := a.dialSession(ctx)
+	if err != nil {
+		a.diagnose(ctx, err, fail)
+		return err
+	}
+	a.log.Info("connected to the gateway", "gateway", a.addr, "session", cur.gatewaySession,
+		"local", cur.sess.LocalAddr().String(), "cert_expires", cur.leaf.NotAfter.UTC().Format(time.RFC3339))
+
+	var retrySwitch <-chan time.Time
+	switchBackoff := tunnel.Backoff{Initial: time.Second, Max: time.Minute}
+	for {
+		select {
+		case <-ctx.Done():
+			cur.close()
+			return ctx.Err()
+		case <-cur.sess.Done():
+			cur.close()
+			return fmt.Errorf("session %s closed: %w", cur.gatewaySession, cur.sess.Err())
+		case creds := <-a.renewer.Updates():
+			if creds.Chain[0].Equal(cur.leaf) {
+				continue // this session already uses it
+			}
+			retrySwitch = nil
+			if next := a.switchSession(ctx, cur); next != nil {
+				cur = next
+				switchBackoff.Reset()
+			} else {
+				retrySwitch = a.cfg.After(switchBackoff.Next())
+			}
+		case <-retrySwitch:
+			retrySwitch = nil
+			if next := a.switchSession(ctx, cur); next != nil {
+				cur = next
+				switchBackoff.Reset()
+			} else {
+				retrySwitch = a.cfg.After(switchBackoff.Next())
+			}
+		}
+	}
+}
+
+// switchSession opens a session with the newest certificate and, once the
+// gateway has acknowledged its hello (so it routes new streams there), lets
+// old drain in the background. It returns nil, keeping old, on failure.
+func (a *agent) switchSession(ctx context.Context, old *session) *session {
+	next, err := a.dialSession(ctx)
+	if err != nil {
+		a.log.Warn("could not open a session with the renewed certificate; the current session keeps serving",
+			"err", err, "gateway", a.addr)
+		return nil
+	}
+	a.log.Info("moved to a new session with the renewed certificate",
+		"session", next.gatewaySession, "previous", old.gatewaySession,
+		"cert_expires", next.leaf.NotAfter.UTC().Format(time.RFC3339), "draining_streams", old.streams.Active())
+	a.drains.Add(1)
+	go func() {
+		defer a.drains.Done()
+		a.drain(ctx, old)
+	}()
+	return next
+}
+
+// drain stops new streams on s and closes it once its streams have ended,
+// its certificate has expired, DrainTimeout has passed, or ctx ended.
+func (a *agent) drain(ctx context.Context, s *session) {
+	if err := s.sess.GoAway(); err != nil {
+		a.log.Debug("go-away on the replaced session failed", "session", s.gatewaySession, "err", err)
+	}
+	bound := s.leaf.NotAfter.Sub(a.cfg.Now())
+	if a.cfg.DrainTimeout > 0 && a.cfg.DrainTimeout < bound {
+		bound = a.cfg.DrainTimeout
+	}
+	reason := "its streams ended"
+	select {
+	case <-s.streams.Idle():
+	case <-s.sess.Done():
+		reason = "the gateway closed it"
+	case <-ctx.Done():
+		reason = "the agent is stopping"
+	case <-a.cfg.After(bound):
+		reason = fmt.Sprintf("the drain bound (%s) passed", bound.Round(time.Second))
+	}
+	left := s.streams.Active()
+	s.close()
+	a.log.Info("closed the replaced session", "session", s.gatewaySession, "reason", reason, "streams_cut", left)
+}
+
+// diagnose is called when a session could not be established. A gateway
+// refuses a revoked or expired certificate with a bare TLS alert, which
+// tunnel reports as a closed session; renewing tells why: the CA answers
+// "revoked" in words. At most once a minute, so a gateway that is merely
+// restarting is not asked to renew on every attempt.
+func (a *agent) diagnose(ctx context.Context, dialErr error, fail context.CancelCauseFunc) {
+	var se *sessionError
+	if !errors.As(dialErr, &se) || se.stage == stageTCP {
+		return // the gateway is unreachable: nothing to learn from the CA (it is the gateway)
+	}
+	now := a.cfg.Now()
+	if !a.lastDiagnose.IsZero() && now.Sub(a.lastDiagnose) < time.Minute {
+		return
+	}
+	a.lastDiagnose = now
+	a.log.Info("the gateway refused the session; asking the CA about the certificate", "err", dialErr)
+	err := a.renewer.RenewNow(ctx)
+	switch {
+	case err == nil:
+		a.log.Info("the certificate was renewed; retrying with it")
+	case errors.Is(err, identity.ErrRevoked), errors.Is(err, identity.ErrExpired):
+		fail(err)
+	default:
+		a.log.Debug("certificate check did not conclude", "err", err)
+	}
+}

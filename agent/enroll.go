@@ -1,0 +1,112 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/wicketgw/wicket/agent/identity"
+	"github.com/wicketgw/wicket/ca"
+)
+
+// obtainIdentity returns the identity the agent runs with: enrolled with
+// cfg.Token, or loaded from cfg.DataDir (see Config.Token for the rules).
+func obtainIdentity(ctx context.Context, cfg *Config) (*identity.Stored, error) {
+	log := cfg.Logger
+	dir := cfg.DataDir
+	now := cfg.Now()
+
+	if cfg.Token == "" {
+		s, err := identity.Load(dir)
+		if err != nil {
+			return nil, err
+		}
+		if err := checkAgentRole(s, dir); err != nil {
+			return nil, err
+		}
+		if err := identity.CheckValid(s, now); err != nil {
+			return nil, err
+		}
+		log.Info("using the stored identity", "dir", dir, "agent", s.Name)
+		return s, nil
+	}
+
+	info, err := ca.InspectToken(cfg.Token)
+	if err != nil {
+		return nil, fmt.Errorf("the token cannot be used: %w", err)
+	}
+	switch info.Identity.Role {
+	case ca.RoleAgent:
+	case ca.RoleUser:
+		return nil, errors.New("this is a user token; use `wicket login`")
+	default:
+		return nil, fmt.Errorf("this is a %s token; `wicket agent` needs one from `wicket token create agent NAME`", info.Identity.Role)
+	}
+	name := info.Identity.Name
+
+	// A valid identity already stored may make enrolling unnecessary.
+	var stored *identity.Stored
+	exists, err := identity.Exists(dir)
+	if err != nil {
+		return nil, err
+	}
+	if exists {
+		s, err := identity.Load(dir)
+		switch {
+		case errors.Is(err, identity.ErrCorrupt):
+			log.Warn("the stored identity is unreadable; enrolling again with the token replaces it", "dir", dir, "err", err)
+		case err != nil:
+			return nil, err
+		default:
+			if s.Role != ca.RoleAgent || s.Name != name || s.URL != info.URL || s.TrustDomain != info.Identity.TrustDomain {
+				return nil, fmt.Errorf("%s already holds the identity of %s %s at %s, but the token is for agent %s at %s: use another --data-dir, or delete %s to replace it",
+					dir, s.Role, s.Name, s.URL, name, info.URL, dir)
+			}
+			valid := identity.CheckValid(s, now) == nil
+			if s.TokenSHA256 == identity.TokenHash(cfg.Token) {
+				if !valid {
+					return nil, identity.CheckValid(s, now)
+				}
+				log.Info("this token already enrolled the stored identity; using it", "dir", dir, "agent", name)
+				return s, nil
+			}
+			if valid && now.After(info.Expiry) {
+				log.Warn("the token has expired; using the stored identity, which is still valid", "dir", dir, "agent", name)
+				return s, nil
+			}
+			if valid {
+				stored = s
+			}
+		}
+	}
+
+	log.Info("enrolling", "agent", name, "gateway", info.URL)
+	creds, err := cfg.Enroll(ctx, cfg.Token)
+	if err != nil {
+		if stored != nil && (errors.Is(err, ca.ErrTokenUsed) || errors.Is(err, ca.ErrTokenExpired)) {
+			log.Warn("the token cannot enroll again; using the stored identity, which is still valid", "agent", name, "err", err)
+			return stored, nil
+		}
+		return nil, fmt.Errorf("enroll agent %s with the gateway at %s: %w", name, info.URL, err)
+	}
+	s := &identity.Stored{
+		Meta: identity.Meta{
+			URL: info.URL, Role: ca.RoleAgent, Name: name, TrustDomain: info.Identity.TrustDomain,
+			TokenSHA256: identity.TokenHash(cfg.Token), Enrolled: now.UTC(),
+		},
+		Creds: creds,
+	}
+	if err := identity.Save(dir, s); err != nil {
+		return nil, fmt.Errorf("enrolled agent %s but could not store its identity: %w", name, err)
+	}
+	log.Info("enrolled", "agent", name, "dir", dir, "serial", creds.Chain[0].SerialNumber.String(),
+		"cert_expires", creds.Chain[0].NotAfter.UTC())
+	return s, nil
+}
+
+func checkAgentRole(s *identity.Stored, dir string) error {
+	if s.Role != ca.RoleAgent {
+		return fmt.Errorf("%s holds the identity of %s %s, not of an agent: use the agent's own --data-dir", dir, s.Role, s.Name)
+	}
+	return nil
+}

@@ -1,0 +1,242 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/wicketgw/wicket/agent/internal/track"
+	"github.com/wicketgw/wicket/tunnel"
+)
+
+// Stages of establishing a session, so that a failure can be classified.
+type stage int
+
+const (
+	stageTCP   stage = iota // TCP connect, TLS handshake: the gateway may be down
+	stageHello              // control stream and hello exchange: the gateway may have refused us
+)
+
+// sessionError is a failure to establish a session.
+type sessionError struct {
+	stage stage
+	err   error
+}
+
+func (e *sessionError) Error() string { return e.err.Error() }
+func (e *sessionError) Unwrap() error { return e.err }
+
+// session is one tunnel session to the gateway and the goroutines serving it.
+type session struct {
+	sess           *tunnel.Session
+	ctl            *tunnel.Control
+	leaf           *x509.Certificate // the certificate this session authenticated with
+	gatewaySession string            // the gateway's id for it, from its hello
+	streams        track.Tracker
+	cancel         context.CancelFunc
+	wg             sync.WaitGroup
+	closeOnce      sync.Once
+}
+
+// close ends the session and waits for its goroutines (stream handlers end
+// when their streams die with the session).
+func (s *session) close() {
+	s.closeOnce.Do(func() {
+		s.cancel()
+		s.sess.Close()
+		s.wg.Wait()
+	})
+}
+
+// dialSession dials the gateway with the newest certificate, exchanges
+// hellos, and starts serving streams. The session is routable once this
+// returns: the gateway sends its hello only after registering the session.
+func (a *agent) dialSession(ctx context.Context) (*session, error) {
+	var (
+		usedMu sync.Mutex
+		used   *x509.Certificate
+	)
+	getCert := func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		c, err := a.renewer.GetClientCertificate(cri)
+		if err == nil {
+			usedMu.Lock()
+			used = c.Leaf
+			usedMu.Unlock()
+		}
+		return c, err
+	}
+	tc := tunnel.ClientTLSConfig(tunnel.ALPNAgent, a.roots, a.host, getCert)
+	ts, err := tunnel.Dial(ctx, tunnel.DialConfig{Addr: a.addr, TLS: tc, Config: a.cfg.Tunnel})
+	if err != nil {
+		st := stageTCP
+		if strings.Contains(err.Error(), "remote error: tls") {
+			st = stageHello // the gateway refused our certificate during the handshake
+		}
+		return nil, &sessionError{stage: st, err: err}
+	}
+	usedMu.Lock()
+	leaf := used
+	usedMu.Unlock()
+	if leaf == nil {
+		ts.Close()
+		return nil, &sessionError{stage: stageHello, err: errors.New("the gateway did not ask for the agent certificate")}
+	}
+	hctx, cancel := context.WithTimeout(ctx, a.cfg.HelloTimeout)
+	defer cancel()
+	ctl, ack, err := a.hello(hctx, ts)
+	if err != nil {
+		ts.Close()
+		return nil, &sessionError{stage: stageHello, err: fmt.Errorf("hello with the gateway at %s: %w", a.addr, err)}
+	}
+	sctx, scancel := context.WithCancel(ctx)
+	s := &session{sess: ts, ctl: ctl, leaf: leaf, gatewaySession: ack.Instance, cancel: scancel}
+	log := a.log.With("session", s.gatewaySession)
+	s.wg.Add(2)
+	go func() {
+		defer s.wg.Done()
+		a.serve(sctx, s, log)
+	}()
+	go func() {
+		defer s.wg.Done()
+		// Later control messages from the gateway: none are defined yet; read
+		// them so the stream's window never fills, and log them for debugging.
+		for {
+			var msg map[string]any
+			if err := ctl.Recv(&msg); err != nil {
+				return
+			}
+			log.Debug("control message from the gateway", "msg", msg)
+		}
+	}()
+	return s, nil
+}
+
+// hello opens the control stream, sends the agent's hello and waits for the
+// gateway's.
+func (a *agent) hello(ctx context.Context, ts *tunnel.Session) (*tunnel.Control, tunnel.Hello, error) {
+	var ack tunnel.Hello
+	ctl, err := ts.OpenControl(ctx)
+	if err != nil {
+		return nil, ack, err
+	}
+	if err := ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: a.names}); err != nil {
+		return nil, ack, err
+	}
+	stop := context.AfterFunc(ctx, func() { ctl.Stream().SetReadDeadline(time.Unix(1, 0)) })
+	err = ctl.Recv(&ack)
+	stopped := stop()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ack, fmt.Errorf("no hello from the gateway within %s", a.cfg.HelloTimeout)
+		}
+		return nil, ack, err
+	}
+	if !stopped {
+		// The deadline fired just as the hello arrived; clear it.
+		ctl.Stream().SetReadDeadline(time.Time{})
+	}
+	return ctl, ack, nil
+}
+
+// serve accepts the gateway's streams on s until it ends.
+func (a *agent) serve(ctx context.Context, s *session, log *slog.Logger) {
+	var handlers sync.WaitGroup
+	defer handlers.Wait()
+	for {
+		st, err := s.sess.AcceptStream(ctx)
+		if err != nil {
+			return // session closed or ctx done
+		}
+		s.streams.Add()
+		handlers.Add(1)
+		go func() {
+			defer handlers.Done()
+			defer s.streams.Done()
+			a.handle(ctx, st, log)
+		}()
+	}
+}
+
+// handle answers one stream-open request: only a resource from Expose is
+// dialed, with DialTimeout; the gateway learns OK, unknown resource, or
+// dial failed with a reason that names no address.
+func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger) {
+	h := st.Header()
+	log = log.With("resource", h.Resource, "stream", h.SessionID)
+	if h.Kind != tunnel.KindData {
+		log.Warn("refused a stream that is not a data stream", "kind", h.Kind.String())
+		_ = st.Reply(tunnel.StatusRefused, "the agent accepts only data streams")
+		st.Close()
+		return
+	}
+	target, ok := a.cfg.Expose[h.Resource]
+	if !ok {
+		log.Warn("refused a stream for a resource this agent does not expose")
+		_ = st.Reply(tunnel.StatusUnknownResource, fmt.Sprintf("agent %s does not expose resource %s", a.meta.Name, h.Resource))
+		st.Close()
+		return
+	}
+	d := net.Dialer{Timeout: a.cfg.DialTimeout}
+	start := time.Now()
+	conn, err := d.DialContext(ctx, "tcp", target)
+	if err != nil {
+		reason := dialReason(err, a.cfg.DialTimeout)
+		log.Warn("could not reach the resource", "target", target, "err", err)
+		_ = st.Reply(tunnel.StatusDialFailed, fmt.Sprintf("agent %s could not connect to resource %s: %s", a.meta.Name, h.Resource, reason))
+		st.Close()
+		return
+	}
+	if err := st.Reply(tunnel.StatusOK, ""); err != nil {
+		log.Warn("could not answer the gateway", "err", err)
+		conn.Close()
+		st.Close()
+		return
+	}
+	log.Debug("stream opened", "target", target)
+	toTarget, fromTarget, err := tunnel.Relay(ctx, st, conn)
+	attrs := []any{"bytes_to_resource", toTarget, "bytes_from_resource", fromTarget,
+		"duration", time.Since(start).Round(time.Millisecond)}
+	if err != nil && !errors.Is(err, context.Canceled) {
+		log.Info("stream ended with an error", append(attrs, "err", err)...)
+		return
+	}
+	log.Info("stream ended", attrs...)
+}
+
+// dialReason says why a dial failed without repeating the address, which
+// the gateway (and the user behind it) need not learn.
+func dialReason(err error, timeout time.Duration) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "connection refused"
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return "no route to host"
+	case errors.As(err, &ne) && ne.Timeout():
+		return fmt.Sprintf("timed out after %s", timeout)
+	case errors.Is(err, context.Canceled):
+		return "the agent is stopping"
+	}
+	var dnsErr *net.DNSError
+	if errors.As(err, &dnsErr) {
+		return "the resource's host name does not resolve"
+	}
+	var se *os.SyscallError
+	if errors.As(err, &se) {
+		return se.Err.Error()
+	}
+	if errors.Is(err, io.EOF) {
+		return "connection closed"
+	}
+	return "connection failed"
+}
