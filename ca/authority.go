@@ -616,11 +616,16 @@ func renewAt(leaf *x509.Certificate) time.Time {
 func (a *Authority) renewLoop() {
 	defer close(a.done)
 	retry := time.Duration(0)
+	rotated := false
 	for {
 		leaf := a.gwCert.Load().Leaf
 		wait := renewAt(leaf).Sub(a.now())
 		if retry > 0 {
 			wait = retry
+		} else if rotated && wait < minRenewInterval {
+			// A clock that runs ahead of the certificates (a test clock, a wrong
+			// system clock) must not make us re-issue in a tight loop.
+			wait = minRenewInterval
 		}
 		select {
 		case <-a.stop:
@@ -637,9 +642,12 @@ func (a *Authority) renewLoop() {
 			a.cfg.Logger.Error("renew gateway certificate failed; will retry", "err", err, "retry_in", retry)
 			continue
 		}
-		retry = 0
+		retry, rotated = 0, true
 	}
 }
+
+// minRenewInterval is the least time between two renewals of the gateway certificate.
+const minRenewInterval = 30 * time.Second
 
 // NewEABKey creates an ACME External Account Binding key bound to name (stored as the
 // key's reference). Give keyID and hmacKey to the ACME client out of band.

@@ -12,6 +12,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -176,3 +178,20 @@ func ctx10s(t testing.TB) context.Context {
 
 var _ = fmt.Sprintf
 var _ = io.Discard
+
+// waitNoGoroutine polls (with a deadline) until no goroutine stack contains fn.
+func waitNoGoroutine(t testing.TB, fn string) {
+	deadline := time.Now().Add(5 * time.Second)
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if !strings.Contains(string(buf[:n]), fn) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("goroutine %s still running", fn)
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
