@@ -288,13 +288,18 @@ func TestSetTLS(t *testing.T) {
 }
 
 func TestConcurrentWriters(t *testing.T) {
+	// Both modes: fsync exercises group commit (shared fsyncs), NoSync the
+	// plain write path at a higher rate.
+	t.Run("fsync", func(t *testing.T) { testConcurrentWriters(t, false, 8, 25) })
+	t.Run("nosync", func(t *testing.T) { testConcurrentWriters(t, true, 8, 100) })
+}
+
+func testConcurrentWriters(t *testing.T, noSync bool, writers, each int) {
 	path := filepath.Join(t.TempDir(), "audit.log")
-	// NoSync only makes the test fast; the lock and the chain are the same.
-	l, err := OpenWithOptions(path, Options{NoSync: true})
+	l, err := OpenWithOptions(path, Options{NoSync: noSync})
 	if err != nil {
 		t.Fatal(err)
 	}
-	const writers, each = 8, 50
 	var wg sync.WaitGroup
 	errs := make(chan error, writers*each)
 	for w := range writers {
