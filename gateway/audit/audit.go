@@ -253,7 +253,8 @@ func Open(path string, now func() time.Time) (*Log, error) {
 // exclusive lock on it so a second writer cannot fork the chain, and resumes
 // the chain from the last complete line. A torn last line is sealed as the
 // package doc describes; a tail that a crash cannot explain is refused with
-// an error that says what to do.
+// an error that says what to do. Open reads only the tail, so opening a large
+// log is fast; it does not check the older chain, which is Verify's job.
 func OpenWithOptions(path string, opts Options) (*Log, error) {
 	now := opts.Now
 	if now == nil {
