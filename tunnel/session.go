@@ -61,7 +61,7 @@ func Dial(ctx context.Context, dc DialConfig) (*Session, error) {
 	conn := tls.Client(raw, tcfg)
 	if err := conn.HandshakeContext(hctx); err != nil {
 		raw.Close()
-		return nil, fmt.Errorf("dial %s: TLS handshake: %w", dc.Addr, err)
+		return nil, fmt.Errorf("dial %s: TLS handshake: %w", dc.Addr, handshakeErr(err, cfg.HandshakeTimeout))
 	}
 	if err := checkConn(conn.ConnectionState(), tcfg.NextProtos[:1]); err != nil {
 		conn.Close()
@@ -95,7 +95,7 @@ func Server(conn *tls.Conn, cfg Config) (*Session, error) {
 		cancel()
 		if err != nil {
 			conn.Close()
-			return nil, fmt.Errorf("tunnel server %s: TLS handshake: %w", conn.RemoteAddr(), err)
+			return nil, fmt.Errorf("tunnel server %s: TLS handshake: %w", conn.RemoteAddr(), handshakeErr(err, cfg.HandshakeTimeout))
 		}
 	}
 	if err := checkConn(conn.ConnectionState(), []string{ALPNAgent, ALPNClient}); err != nil {
@@ -113,6 +113,14 @@ func Server(conn *tls.Conn, cfg Config) (*Session, error) {
 		return nil, fmt.Errorf("tunnel server %s: %w", conn.RemoteAddr(), err)
 	}
 	return s, nil
+}
+
+// handshakeErr names a handshake that ran out of time as such.
+func handshakeErr(err error, limit time.Duration) error {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("not completed within the %s handshake timeout: %w", limit, err)
+	}
+	return err
 }
 
 func checkConn(cs tls.ConnectionState, alpns []string) error {
@@ -163,7 +171,7 @@ func newSession(conn *tls.Conn, cfg Config, client bool) (*Session, error) {
 		client: client,
 		cs:     conn.ConnectionState(),
 	}
-	wc := &frameConn{Conn: conn, timeout: cfg.ConnectionWriteTimeout}
+	wc := &frameConn{Conn: conn, timeout: cfg.ConnectionWriteTimeout, onTimeout: s.writeTimedOut}
 	var err error
 	if client {
 		s.ys, err = yamux.Client(wc, cfg.yamuxConfig())
@@ -193,7 +201,8 @@ func (s *Session) keepalive() {
 	if _, err := s.ys.Ping(); err != nil {
 		if !s.ys.IsClosed() {
 			s.log.Warn("tunnel peer stopped answering keepalives; closing the session", "err", err)
-			s.closeWith(ErrKeepaliveTimeout)
+			s.setErr(ErrKeepaliveTimeout)
+			s.shutdown() // not Close: it would wait for this very goroutine
 		}
 		return
 	}
@@ -204,14 +213,26 @@ func (s *Session) keepalive() {
 	s.kaMu.Unlock()
 }
 
+// writeTimedOut runs on yamux's send goroutine when a connection write hit
+// its deadline. yamux then closes the session itself; closing it from here
+// would deadlock (Close waits for that goroutine), so only the reason is kept.
+func (s *Session) writeTimedOut() {
+	s.setErr(ErrWriteTimeout)
+	s.log.Warn("tunnel connection write timed out; closing the session", "timeout", s.cfg.ConnectionWriteTimeout)
+}
+
 // closeWith records why the session ends and closes it.
 func (s *Session) closeWith(reason error) {
+	s.setErr(reason)
+	s.Close()
+}
+
+func (s *Session) setErr(reason error) {
 	s.errMu.Lock()
 	if s.err == nil {
 		s.err = reason
 	}
 	s.errMu.Unlock()
-	s.Close()
 }
 
 // Err says why the session ended (nil while it is open): ErrKeepaliveTimeout,
@@ -231,13 +252,19 @@ func (s *Session) Err() error {
 // Close ends the session and every stream on it. It waits for the session's
 // goroutines to finish. Safe to call more than once.
 func (s *Session) Close() error {
+	err := s.shutdown()
+	s.kaWG.Wait()
+	return err
+}
+
+// shutdown stops the keepalive timer and closes yamux (which closes the
+// connection and waits for its own goroutines).
+func (s *Session) shutdown() error {
 	s.kaMu.Lock()
 	s.kaStopped = true
 	s.kaTimer.Stop()
 	s.kaMu.Unlock()
-	err := s.ys.Close()
-	s.kaWG.Wait()
-	return err
+	return s.ys.Close()
 }
 
 // Done is closed when the session ends, whichever side ended it.
@@ -436,10 +463,12 @@ func (timeoutError) Is(target error) bool {
 // Only yamux's single send goroutine calls Write, so no lock is needed.
 type frameConn struct {
 	net.Conn
-	timeout  time.Duration
-	deadline time.Time // the write deadline currently set
-	held     []byte    // a data-frame header waiting for its body
-	buf      []byte
+	timeout   time.Duration
+	onTimeout func()
+	failed    atomic.Bool // a write failed: the connection is unusable
+	deadline  time.Time   // the write deadline currently set
+	held      []byte      // a data-frame header waiting for its body
+	buf       []byte
 }
 
 const yamuxHeaderLen = 12
@@ -461,11 +490,14 @@ func (c *frameConn) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	if c.held == nil {
-		return c.Conn.Write(p)
+		n, err := c.Conn.Write(p)
+		c.check(err)
+		return n, err
 	}
 	c.buf = append(c.held, p...)
 	c.held = nil
 	n, err := c.Conn.Write(c.buf)
+	c.check(err)
 	n -= yamuxHeaderLen
 	if n < 0 {
 		n = 0
@@ -474,4 +506,25 @@ func (c *frameConn) Write(p []byte) (int, error) {
 		c.buf = nil
 	}
 	return n, err
+}
+
+func (c *frameConn) check(err error) {
+	if err == nil {
+		return
+	}
+	c.failed.Store(true)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() && c.onTimeout != nil {
+		c.onTimeout()
+	}
+}
+
+// Close skips TLS's close_notify after a failed write: tls.Conn.Close would
+// try to send it with its own 5 s deadline into a connection that is already
+// known not to drain, delaying the session's end by 5 s.
+func (c *frameConn) Close() error {
+	if tc, ok := c.Conn.(*tls.Conn); ok && c.failed.Load() {
+		return tc.NetConn().Close()
+	}
+	return c.Conn.Close()
 }
