@@ -9,13 +9,17 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"math/big"
 	"net"
 	"net/url"
 	"sync/atomic"
 	"time"
+
+	"go.step.sm/crypto/jose"
 
 	"github.com/wicketgw/wicket/ca"
 )
@@ -101,4 +105,33 @@ func (p *PKI) Pool() *x509.CertPool {
 	pool := x509.NewCertPool()
 	pool.AddCert(p.Root)
 	return pool
+}
+
+// Token returns a token shaped like the CA's one-time tokens (sub, sans,
+// aud = url+"/1.0/sign", sha, exp), signed by a throwaway key: enough for
+// ca.InspectToken, which does not verify signatures (the CA does).
+func (p *PKI) Token(role ca.Role, name, gatewayURL string, exp time.Time) string {
+	k := key()
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: k}, new(jose.SignerOptions).WithType("JWT"))
+	if err != nil {
+		panic(err)
+	}
+	sum := sha256.Sum256(p.Root.Raw)
+	claims := struct {
+		jose.Claims
+		SANs []string `json:"sans"`
+		SHA  string   `json:"sha"`
+	}{
+		Claims: jose.Claims{
+			Subject: name, Audience: jose.Audience{gatewayURL + "/1.0/sign"},
+			ID: nextSerial().String(), IssuedAt: jose.NewNumericDate(time.Now()), Expiry: jose.NewNumericDate(exp),
+		},
+		SANs: []string{(&url.URL{Scheme: "spiffe", Host: p.TrustDomain, Path: "/" + string(role) + "/" + name}).String()},
+		SHA:  hex.EncodeToString(sum[:]),
+	}
+	tok, err := jose.Signed(signer).Claims(claims).CompactSerialize()
+	if err != nil {
+		panic(err)
+	}
+	return tok
 }
