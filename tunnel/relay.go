@@ -110,6 +110,9 @@ func (r *relayState) copy(dst, src net.Conn) int64 {
 		if rerr != nil {
 			if rerr == io.EOF {
 				r.halfDone.Add(1)
+				// The opposite direction writes to src; a write of it that is
+				// already blocked gets its bound now.
+				src.SetWriteDeadline(time.Now().Add(r.stall))
 				if err := closeWrite(dst); err != nil && !isClosedErr(err) {
 					r.abort(err)
 				}
