@@ -1,0 +1,673 @@
+// Package connect is the user side of Wicket: `wicket login` stores a user
+// identity obtained with a one-time user token, and `wicket connect` turns
+// every local TCP connection (or the process's stdin/stdout) into one stream
+// to a resource through the gateway, over a single mutually authenticated
+// tunnel session that reconnects when it drops. The user certificate renews
+// itself while connect runs; after a renewal new streams go over a new
+// session while the old one drains (make-before-break).
+//
+// What it must NOT do: listen on anything but the address it is given (a
+// non-loopback address is allowed but warned about: whoever reaches it acts
+// as this user); log a token or a key; keep going on an expired or revoked
+// certificate.
+package connect
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/wicketgw/wicket/agent/identity"
+	"github.com/wicketgw/wicket/agent/internal/track"
+	"github.com/wicketgw/wicket/ca"
+	"github.com/wicketgw/wicket/tunnel"
+)
+
+// DefaultDataDir is where a user identity lives by default: $WICKET_HOME,
+// else ~/.wicket.
+func DefaultDataDir() (string, error) {
+	if d := os.Getenv("WICKET_HOME"); d != "" {
+		return d, nil
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return "", fmt.Errorf("find the home directory for ~/.wicket (set WICKET_HOME or --data-dir): %w", err)
+	}
+	return filepath.Join(home, ".wicket"), nil
+}
+
+// Login enrolls a user with a one-time user token and stores the identity
+// in dataDir (default DefaultDataDir), replacing any identity stored there
+// once the new one is safely obtained (a failed login leaves the old one).
+func Login(ctx context.Context, token, dataDir string) (*identity.Stored, error) {
+	return login(ctx, token, dataDir, ca.Enroll, time.Now)
+}
+
+func login(ctx context.Context, token, dataDir string,
+	enroll func(context.Context, string) (*ca.Credentials, error), now func() time.Time) (*identity.Stored, error) {
+	if strings.TrimSpace(token) == "" {
+		return nil, errors.New("a token is required: get one from `wicket token create user NAME` and pass --token or WICKET_TOKEN")
+	}
+	if dataDir == "" {
+		d, err := DefaultDataDir()
+		if err != nil {
+			return nil, err
+		}
+		dataDir = d
+	}
+	info, err := ca.InspectToken(token)
+	if err != nil {
+		return nil, fmt.Errorf("the token cannot be used: %w", err)
+	}
+	switch info.Identity.Role {
+	case ca.RoleUser:
+	case ca.RoleAgent:
+		return nil, errors.New("this is an agent token; use `wicket agent --token`")
+	default:
+		return nil, fmt.Errorf("this is a %s token; `wicket login` needs one from `wicket token create user NAME`", info.Identity.Role)
+	}
+	creds, err := enroll(ctx, token)
+	if err != nil {
+		return nil, fmt.Errorf("log in as %s at %s: %w", info.Identity.Name, info.URL, err)
+	}
+	s := &identity.Stored{
+		Meta: identity.Meta{URL: info.URL, Role: ca.RoleUser, Name: info.Identity.Name,
+			TrustDomain: info.Identity.TrustDomain, TokenSHA256: identity.TokenHash(token), Enrolled: now().UTC()},
+		Creds: creds,
+	}
+	if err := identity.Save(dataDir, s); err != nil {
+		return nil, fmt.Errorf("logged in as %s but could not store the identity: %w", info.Identity.Name, err)
+	}
+	return s, nil
+}
+
+// Config configures Connect.
+type Config struct {
+	// DataDir holds the user identity. Default DefaultDataDir().
+	DataDir string
+	// Resource is the resource name to reach. Required.
+	Resource string
+	// Listen is the local TCP address to accept connections on. Default
+	// "127.0.0.1:0" (a free port; OnListen learns which). Ignored with Stdio.
+	Listen string
+	// Stdio relays Stdin/Stdout as one stream instead of listening (for ssh
+	// ProxyCommand); Connect returns when that stream ends.
+	Stdio bool
+	// Stdin and Stdout for Stdio. Defaults os.Stdin and os.Stdout.
+	Stdin  io.Reader
+	Stdout io.Writer
+	// OnListen is called once with the listening address. Optional.
+	OnListen func(net.Addr)
+	// Tunnel holds the session knobs. Zero: tunnel.DefaultConfig().
+	Tunnel tunnel.Config
+	// OpenTimeout bounds how long a new local connection waits for a
+	// session to the gateway before it is closed. Default 30s.
+	OpenTimeout time.Duration
+	// DrainTimeout bounds how long a session replaced after a renewal keeps
+	// its streams. Zero (default): until they end or its certificate
+	// expires (the gateway closes it then anyway).
+	DrainTimeout time.Duration
+	// Reconnect is the backoff between connection attempts. Nil: 500 ms
+	// doubling up to 30 s with full jitter.
+	Reconnect *tunnel.Backoff
+	// Logger receives events. Default: discard.
+	Logger *slog.Logger
+	// Now, After: the clock (renewal, backoff, drain). Defaults time.Now, time.After.
+	Now   func() time.Time
+	After func(time.Duration) <-chan time.Time
+	// Renew talks to the CA. Default ca.Renew.
+	Renew func(ctx context.Context, baseURL string, cur *ca.Credentials) (*ca.Credentials, error)
+}
+
+// Connect relays local connections to cfg.Resource until ctx ends (it then
+// returns nil), the stdio stream ends, or the identity becomes unusable
+// (expired or revoked: an error saying to log in again).
+func Connect(ctx context.Context, cfg Config) error {
+	if err := ca.ValidName(cfg.Resource); err != nil {
+		return fmt.Errorf("resource: %w", err)
+	}
+	if cfg.DataDir == "" {
+		d, err := DefaultDataDir()
+		if err != nil {
+			return err
+		}
+		cfg.DataDir = d
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:0"
+	}
+	if cfg.Stdin == nil {
+		cfg.Stdin = os.Stdin
+	}
+	if cfg.Stdout == nil {
+		cfg.Stdout = os.Stdout
+	}
+	if cfg.Tunnel == (tunnel.Config{}) {
+		cfg.Tunnel = tunnel.DefaultConfig()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Tunnel.Logger == nil {
+		cfg.Tunnel.Logger = cfg.Logger
+	}
+	if cfg.OpenTimeout <= 0 {
+		cfg.OpenTimeout = 30 * time.Second
+	}
+	if cfg.Reconnect == nil {
+		cfg.Reconnect = &tunnel.Backoff{}
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.After == nil {
+		cfg.After = time.After
+	}
+	if cfg.Renew == nil {
+		cfg.Renew = ca.Renew
+	}
+
+	s, err := identity.Load(cfg.DataDir)
+	if errors.Is(err, identity.ErrNotFound) {
+		return fmt.Errorf("not logged in (no identity in %s): run `wicket login --token TOKEN` first", cfg.DataDir)
+	}
+	if err != nil {
+		return err
+	}
+	if s.Role != ca.RoleUser {
+		return fmt.Errorf("%s holds the identity of %s %s, not of a user: use `wicket login` with a user token, or another --data-dir", cfg.DataDir, s.Role, s.Name)
+	}
+	if err := identity.CheckValid(s, cfg.Now()); err != nil {
+		return fmt.Errorf("the user certificate expired at %s: log in again with a new token (`wicket login --token TOKEN`)",
+			s.Leaf().NotAfter.UTC().Format(time.RFC3339))
+	}
+	c, err := newClient(cfg, s)
+	if err != nil {
+		return err
+	}
+
+	var ln net.Listener
+	if !cfg.Stdio {
+		ln, err = net.Listen("tcp", cfg.Listen)
+		if err != nil {
+			return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+		}
+		if tcp, ok := ln.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() {
+			c.log.Warn("listening on a non-loopback address: anyone who can reach it uses this identity", "addr", ln.Addr().String())
+		}
+	}
+	return c.run(ctx, ln)
+}
+
+// client is one running `wicket connect`.
+type client struct {
+	cfg     Config
+	log     *slog.Logger
+	meta    identity.Meta
+	renewer *identity.Renewer
+	addr    string
+	host    string
+	roots   *x509.CertPool
+
+	mu      sync.Mutex
+	cur     *session
+	changed chan struct{} // closed and replaced whenever cur changes
+	lastErr error
+
+	wg           sync.WaitGroup // local connections, drains
+	lastDiagnose time.Time
+}
+
+func newClient(cfg Config, s *identity.Stored) (*client, error) {
+	u, err := url.Parse(s.URL)
+	if err != nil || u.Host == "" {
+		return nil, fmt.Errorf("the stored gateway URL %q in %s is not usable: log in again", s.URL, cfg.DataDir)
+	}
+	addr := u.Host
+	if u.Port() == "" {
+		addr = net.JoinHostPort(u.Hostname(), "443")
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(s.Creds.Root)
+	log := cfg.Logger.With("user", s.Name, "resource", cfg.Resource)
+	return &client{
+		cfg: cfg, log: log, meta: s.Meta, addr: addr, host: u.Hostname(), roots: roots,
+		renewer: identity.NewRenewer(s, identity.RenewerConfig{Dir: cfg.DataDir, Renew: cfg.Renew, Logger: log,
+			Now: cfg.Now, After: cfg.After}),
+		changed: make(chan struct{}),
+	}, nil
+}
+
+// session is one tunnel session to the gateway.
+type session struct {
+	sess    *tunnel.Session
+	leaf    *x509.Certificate
+	streams track.Tracker
+}
+
+func (c *client) setCurrent(s *session, err error) {
+	c.mu.Lock()
+	c.cur = s
+	if err != nil {
+		c.lastErr = err
+	}
+	close(c.changed)
+	c.changed = make(chan struct{})
+	c.mu.Unlock()
+}
+
+func (c *client) run(ctx context.Context, ln net.Listener) error {
+	rctx, stop := context.WithCancelCause(ctx)
+	defer stop(nil)
+	var bg sync.WaitGroup
+	bg.Add(2)
+	go func() {
+		defer bg.Done()
+		if err := c.renewer.Run(rctx); err != nil && rctx.Err() == nil {
+			stop(err)
+		}
+	}()
+	go func() {
+		defer bg.Done()
+		tunnel.Retry(rctx, c.cfg.Reconnect, c.cfg.After,
+			func(ctx context.Context) error { return c.connect(ctx, stop) },
+			func(err error, wait time.Duration) {
+				c.log.Warn(fmt.Sprintf("gateway session ended; reconnecting in %s", wait.Round(time.Millisecond)),
+					"reason", err, "gateway", c.addr)
+			})
+	}()
+
+	var runErr error
+	if ln == nil {
+		runErr = c.stdio(rctx)
+	} else {
+		if c.cfg.OnListen != nil {
+			c.cfg.OnListen(ln.Addr())
+		}
+		c.log.Info("listening", "addr", ln.Addr().String(), "gateway", c.meta.URL)
+		stopLn := context.AfterFunc(rctx, func() { ln.Close() })
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				if rctx.Err() == nil {
+					runErr = fmt.Errorf("accept local connections: %w", err)
+				}
+				break
+			}
+			c.wg.Add(1)
+			go func() {
+				defer c.wg.Done()
+				c.relay(rctx, conn)
+			}()
+		}
+		stopLn()
+		ln.Close()
+	}
+	stop(nil)
+	bg.Wait()
+	c.wg.Wait()
+	if err := context.Cause(rctx); ctx.Err() == nil && err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return runErr
+}
+
+// stdio relays stdin/stdout as one stream.
+func (c *client) stdio(ctx context.Context) error {
+	st, s, err := c.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer s.streams.Done()
+	_, _, err = tunnel.Relay(ctx, &stdioConn{r: c.cfg.Stdin, w: c.cfg.Stdout}, st)
+	if err != nil && ctx.Err() == nil {
+		return fmt.Errorf("stream to resource %s: %w", c.cfg.Resource, err)
+	}
+	return nil
+}
+
+// relay carries one local connection.
+func (c *client) relay(ctx context.Context, conn net.Conn) {
+	log := c.log.With("local", conn.RemoteAddr().String())
+	st, s, err := c.open(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			log.Error(err.Error())
+		}
+		conn.Close()
+		return
+	}
+	defer s.streams.Done()
+	start := time.Now()
+	log.Debug("stream opened")
+	up, down, err := tunnel.Relay(ctx, conn, st)
+	attrs := []any{"bytes_up", up, "bytes_down", down, "duration", time.Since(start).Round(time.Millisecond)}
+	if err != nil && !errors.Is(err, context.Canceled) {
+		log.Info("connection ended with an error", append(attrs, "err", err)...)
+		return
+	}
+	log.Info("connection ended", attrs...)
+}
+
+// open opens a stream to the resource over the newest session. A stream
+// that fails because its session is going away is retried on the next one;
+// an answer from the gateway (refused, no agent, dial failed) is final.
+func (c *client) open(ctx context.Context) (*tunnel.Stream, *session, error) {
+	deadline := time.Now().Add(c.cfg.OpenTimeout)
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		s, err := c.session(ctx, deadline)
+		if err != nil {
+			if lastErr != nil {
+				err = fmt.Errorf("%w (last stream error: %v)", err, lastErr)
+			}
+			return nil, nil, err
+		}
+		s.streams.Add()
+		st, err := s.sess.OpenStream(ctx, tunnel.Header{Kind: tunnel.KindData, Resource: c.cfg.Resource})
+		if err == nil {
+			return st, s, nil
+		}
+		s.streams.Done()
+		var re *tunnel.ReplyError
+		if errors.As(err, &re) {
+			return nil, nil, replyError(c.cfg.Resource, re)
+		}
+		if ctx.Err() != nil {
+			return nil, nil, ctx.Err()
+		}
+		lastErr = err
+		// The session is closing or draining: wait until it is replaced.
+		select {
+		case <-s.sess.Done():
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return nil, nil, fmt.Errorf("could not open a stream to resource %s: %w", c.cfg.Resource, lastErr)
+}
+
+// replyError turns the gateway's answer into one sentence.
+func replyError(resource string, re *tunnel.ReplyError) error {
+	var what string
+	switch re.Status {
+	case tunnel.StatusRefused:
+		what = "access to resource " + resource + " was refused"
+	case tunnel.StatusUnknownResource:
+		what = "no agent serves resource " + resource
+	case tunnel.StatusUnavailable:
+		what = "resource " + resource + " is unavailable"
+	case tunnel.StatusDialFailed:
+		what = "the agent could not reach resource " + resource
+	default:
+		what = "the gateway did not open resource " + resource
+	}
+	if re.Reason != "" {
+		return fmt.Errorf("%s: %s: %w", what, re.Reason, re)
+	}
+	return fmt.Errorf("%s: %w", what, re)
+}
+
+// session returns the current open session, waiting for one until deadline.
+func (c *client) session(ctx context.Context, deadline time.Time) (*session, error) {
+	for {
+		c.mu.Lock()
+		s, changed, lastErr := c.cur, c.changed, c.lastErr
+		c.mu.Unlock()
+		if s != nil {
+			select {
+			case <-s.sess.Done():
+			default:
+				return s, nil
+			}
+		}
+		wait := time.Until(deadline)
+		if wait <= 0 {
+			if lastErr == nil {
+				lastErr = errors.New("still connecting")
+			}
+			return nil, fmt.Errorf("no session to the gateway at %s within %s: %v", c.addr, c.cfg.OpenTimeout, lastErr)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-changed:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// connect keeps one session to the gateway, replacing it make-before-break
+// after each renewal, until it ends or ctx does.
+func (c *client) connect(ctx context.Context, fail context.CancelCauseFunc) error {
+	if err := identity.CheckValid(&identity.Stored{Creds: c.renewer.Current()}, c.cfg.Now()); err != nil {
+		err = userExpired(err)
+		fail(err)
+		return err
+	}
+	cur, err := c.dial(ctx)
+	if err != nil {
+		c.setCurrent(nil, err)
+		c.diagnose(ctx, err, fail)
+		return err
+	}
+	c.setCurrent(cur, nil)
+	c.log.Info("connected to the gateway", "gateway", c.addr, "cert_expires", cur.leaf.NotAfter.UTC().Format(time.RFC3339))
+	var retrySwitch <-chan time.Time
+	bo := tunnel.Backoff{Initial: time.Second, Max: time.Minute}
+	doSwitch := func() {
+		retrySwitch = nil
+		next, err := c.dial(ctx)
+		if err != nil {
+			c.log.Warn("could not open a session with the renewed certificate; the current session keeps serving", "err", err)
+			retrySwitch = c.cfg.After(bo.Next())
+			return
+		}
+		bo.Reset()
+		old := cur
+		cur = next
+		c.setCurrent(cur, nil)
+		c.log.Info("moved to a new session with the renewed certificate", "draining_streams", old.streams.Active(),
+			"cert_expires", next.leaf.NotAfter.UTC().Format(time.RFC3339))
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.drain(ctx, old)
+		}()
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			c.setCurrent(nil, nil)
+			cur.sess.Close()
+			return ctx.Err()
+		case <-cur.sess.Done():
+			err := fmt.Errorf("session closed: %w", cur.sess.Err())
+			c.setCurrent(nil, err)
+			cur.sess.Close()
+			return err
+		case creds := <-c.renewer.Updates():
+			if !creds.Chain[0].Equal(cur.leaf) {
+				doSwitch()
+			}
+		case <-retrySwitch:
+			doSwitch()
+		}
+	}
+}
+
+// drain closes a replaced session once its streams have ended, its
+// certificate has expired, DrainTimeout has passed, or ctx ended.
+func (c *client) drain(ctx context.Context, s *session) {
+	bound := s.leaf.NotAfter.Sub(c.cfg.Now())
+	if c.cfg.DrainTimeout > 0 && c.cfg.DrainTimeout < bound {
+		bound = c.cfg.DrainTimeout
+	}
+	select {
+	case <-s.streams.Idle():
+	case <-s.sess.Done():
+	case <-ctx.Done():
+	case <-c.cfg.After(bound):
+	}
+	left := s.streams.Active()
+	s.sess.Close()
+	c.log.Debug("closed the replaced session", "streams_cut", left)
+}
+
+// sessionError marks a failure after the TCP connection was made: the
+// gateway may have refused the certificate.
+type sessionError struct{ err error }
+
+func (e *sessionError) Error() string { return e.err.Error() }
+func (e *sessionError) Unwrap() error { return e.err }
+
+// dial opens a session with the newest certificate and proves the gateway
+// accepted it with one ping (in TLS 1.3 a refused client certificate shows
+// only after the handshake).
+func (c *client) dial(ctx context.Context) (*session, error) {
+	var (
+		mu   sync.Mutex
+		used *x509.Certificate
+	)
+	getCert := func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		tc, err := c.renewer.GetClientCertificate(cri)
+		if err == nil {
+			mu.Lock()
+			used = tc.Leaf
+			mu.Unlock()
+		}
+		return tc, err
+	}
+	tc := tunnel.ClientTLSConfig(tunnel.ALPNClient, c.roots, c.host, getCert)
+	ts, err := tunnel.Dial(ctx, tunnel.DialConfig{Addr: c.addr, TLS: tc, Config: c.cfg.Tunnel})
+	if err != nil {
+		if strings.Contains(err.Error(), "remote error: tls") {
+			return nil, &sessionError{err}
+		}
+		return nil, err
+	}
+	pinged := make(chan error, 1)
+	go func() {
+		_, err := ts.Ping()
+		pinged <- err
+	}()
+	select {
+	case err = <-pinged:
+	case <-time.After(c.cfg.Tunnel.HandshakeTimeout):
+		err = errors.New("no answer from the gateway")
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err != nil {
+		ts.Close()
+		<-pinged
+		return nil, &sessionError{fmt.Errorf("session with the gateway at %s: %w", c.addr, err)}
+	}
+	mu.Lock()
+	leaf := used
+	mu.Unlock()
+	if leaf == nil {
+		ts.Close()
+		return nil, &sessionError{errors.New("the gateway did not ask for the user certificate")}
+	}
+	return &session{sess: ts, leaf: leaf}, nil
+}
+
+// diagnose asks the CA why the gateway refused the session (see the agent's
+// counterpart): a revoked or expired certificate ends Connect.
+func (c *client) diagnose(ctx context.Context, dialErr error, fail context.CancelCauseFunc) {
+	var se *sessionError
+	if !errors.As(dialErr, &se) {
+		return
+	}
+	now := c.cfg.Now()
+	if !c.lastDiagnose.IsZero() && now.Sub(c.lastDiagnose) < time.Minute {
+		return
+	}
+	c.lastDiagnose = now
+	err := c.renewer.RenewNow(ctx)
+	switch {
+	case err == nil:
+		c.log.Info("the gateway refused the session; the certificate was renewed, retrying with it")
+	case errors.Is(err, identity.ErrRevoked):
+		fail(err)
+	case errors.Is(err, identity.ErrExpired):
+		fail(userExpired(err))
+	}
+}
+
+// userExpired words an expiry for a user, who logs in rather than enrolls.
+func userExpired(err error) error {
+	var ee *identity.ExpiredError
+	if errors.As(err, &ee) {
+		return fmt.Errorf("the user certificate expired at %s: log in again with a new token (`wicket login --token TOKEN`): %w",
+			ee.NotAfter.UTC().Format(time.RFC3339), identity.ErrExpired)
+	}
+	return err
+}
+
+// stdioConn is stdin/stdout as a net.Conn for tunnel.Relay.
+type stdioConn struct {
+	r io.Reader
+	w io.Writer
+}
+
+func (s *stdioConn) Read(p []byte) (int, error)  { return s.r.Read(p) }
+func (s *stdioConn) Write(p []byte) (int, error) { return s.w.Write(p) }
+
+// CloseWrite ends our output (the remote side finished).
+func (s *stdioConn) CloseWrite() error {
+	if c, ok := s.w.(io.Closer); ok {
+		return c.Close()
+	}
+	return nil
+}
+
+func (s *stdioConn) Close() error {
+	if c, ok := s.r.(io.Closer); ok {
+		c.Close()
+	}
+	return s.CloseWrite()
+}
+
+func (s *stdioConn) LocalAddr() net.Addr  { return stdioAddr{} }
+func (s *stdioConn) RemoteAddr() net.Addr { return stdioAddr{} }
+
+func (s *stdioConn) SetDeadline(t time.Time) error {
+	if d, ok := s.w.(interface{ SetDeadline(time.Time) error }); ok {
+		return d.SetDeadline(t)
+	}
+	return nil
+}
+
+func (s *stdioConn) SetReadDeadline(t time.Time) error {
+	if d, ok := s.r.(interface{ SetReadDeadline(time.Time) error }); ok {
+		return d.SetReadDeadline(t)
+	}
+	return nil
+}
+
+func (s *stdioConn) SetWriteDeadline(t time.Time) error {
+	if d, ok := s.w.(interface{ SetWriteDeadline(time.Time) error }); ok {
+		_ = d.SetWriteDeadline(t) // a terminal or a regular file has no deadlines
+	}
+	return nil
+}
+
+type stdioAddr struct{}
+
+func (stdioAddr) Network() string { return "stdio" }
+func (stdioAddr) String() string  { return "stdio" }
