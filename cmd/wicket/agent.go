@@ -1,0 +1,99 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/wicketgw/wicket/agent"
+)
+
+func init() {
+	register("agent", "wicket agent --token TOKEN --data-dir DIR --expose NAME=HOST:PORT [--expose ...]   (later: wicket agent --data-dir DIR --expose ...)", runAgent)
+}
+
+func runAgent(ctx context.Context, args []string) error {
+	// Every flag is also WICKET_<FLAG> in the environment and <flag>: in the
+	// --config file (parseFlags, config.go).
+	fs := newFlagSet("agent")
+	fs.String("config", "", "YAML file with any of these flags as keys (env WICKET_CONFIG)")
+	printCfg := fs.Bool("print-config", false, "print the effective configuration (secrets redacted) and exit")
+	dataDir := dataDirFlag(fs)
+	token := fs.String("token", "", "one-time agent token from `wicket token create agent NAME`; needed only for the first start (prefer WICKET_TOKEN or --token-file: a flag is visible to every local user in ps)")
+	tokenFile := fs.String("token-file", "", "file holding the one-time agent token")
+	var expose stringList
+	fs.Var(&expose, "expose", "NAME=HOST:PORT: a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE)")
+	dialTimeout := fs.Duration("dial-timeout", 10*time.Second, "how long to wait when connecting to a resource")
+	drainTimeout := fs.Duration("drain-timeout", 0, "after a renewal, how long the previous session may keep its streams (0: until they end or its certificate expires)")
+	logFormat, logLevel := logFlags(fs)
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return fmt.Errorf("unexpected argument %q; see `wicket agent -h`", pos[0])
+	}
+	if *printCfg {
+		return printConfig(os.Stdout, fs)
+	}
+	tok, err := readToken(*token, *tokenFile)
+	if err != nil {
+		return err
+	}
+	resources, err := parseExpose(expose)
+	if err != nil {
+		return err
+	}
+	logger, err := newLogger(*logFormat, *logLevel)
+	if err != nil {
+		return err
+	}
+	// ctx ends on SIGINT/SIGTERM (main.go): the agent closes its sessions and returns nil.
+	return agent.Run(ctx, agent.Config{
+		DataDir:      *dataDir,
+		Token:        tok,
+		Expose:       resources,
+		DialTimeout:  *dialTimeout,
+		DrainTimeout: *drainTimeout,
+		Version:      versionString(),
+		Logger:       logger,
+	})
+}
+
+// parseExpose turns NAME=HOST:PORT values into a map; agent.Run validates
+// the names and addresses.
+func parseExpose(values []string) (map[string]string, error) {
+	out := map[string]string{}
+	for _, v := range values {
+		name, addr, ok := strings.Cut(strings.TrimSpace(v), "=")
+		if !ok || name == "" || addr == "" {
+			return nil, fmt.Errorf("--expose %q is not NAME=HOST:PORT", v)
+		}
+		if prev, dup := out[name]; dup && prev != addr {
+			return nil, fmt.Errorf("--expose names resource %s twice (%s and %s)", name, prev, addr)
+		}
+		out[name] = addr
+	}
+	return out, nil
+}
+
+// readToken returns the token from --token or --token-file (not both).
+func readToken(token, file string) (string, error) {
+	if file == "" {
+		return strings.TrimSpace(token), nil
+	}
+	if token != "" {
+		return "", fmt.Errorf("give the token once: --token (or WICKET_TOKEN) or --token-file, not both")
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", fmt.Errorf("read the token file: %w", err)
+	}
+	t := strings.TrimSpace(string(b))
+	if t == "" {
+		return "", fmt.Errorf("the token file %s is empty", file)
+	}
+	return t, nil
+}
