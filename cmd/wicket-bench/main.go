@@ -1,0 +1,277 @@
+// Command wicket-bench measures Wicket's tunnel against a raw TLS relay pair
+// in the same run (see tunnel/tunnelbench for the two paths): throughput with
+// 1 and 8 streams, 64-byte echo round trip, stream-open latency, and the
+// gateway-side memory of idle agent sessions. It prints each figure, its
+// ratio to the raw pair, and whether it meets the target.
+//
+// It listens on 127.0.0.1 only and uses throwaway in-memory certificates. It
+// must NOT be pointed at a real gateway. The defaults finish in well under two
+// minutes on a 2-core machine:
+//
+//	go run ./cmd/wicket-bench
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/wicketgw/wicket/tunnel"
+	"github.com/wicketgw/wicket/tunnel/tunnelbench"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "wicket-bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	mib := flag.Int("mib", 256, "MiB pushed per throughput run (split across the streams)")
+	reps := flag.Int("reps", 3, "throughput repetitions per configuration, alternating paths; the median is reported")
+	echoN := flag.Int("echo", 3000, "64-byte echo round trips per path")
+	opens := flag.Int("opens", 1000, "stream opens to time")
+	idle := flag.Int("idle", 200, "idle agent sessions for the memory figure (max 1000)")
+	window := flag.Uint("window", 0, "override tunnel MaxStreamWindowSize in bytes (0 = default)")
+	idleChild := flag.Bool("idle-agents", false, "internal: play the idle agents in a child process")
+	flag.Parse()
+
+	cfg := tunnel.DefaultConfig()
+	if *window != 0 {
+		cfg.MaxStreamWindowSize = uint32(*window)
+	}
+	if *idleChild {
+		return idleAgents(cfg)
+	}
+	if *idle > 1000 || *idle < 1 {
+		return errors.New("-idle must be between 1 and 1000")
+	}
+
+	fmt.Printf("wicket-bench: %s, GOMAXPROCS=%d, nproc=%d, cpu=%q\n", runtime.Version(), runtime.GOMAXPROCS(0), runtime.NumCPU(), cpuModel())
+	fmt.Printf("tunnel config: window=%d KiB backlog=%d keepalive=%s write-timeout=%s\n",
+		cfg.MaxStreamWindowSize>>10, cfg.AcceptBacklog, cfg.KeepAliveInterval, cfg.ConnectionWriteTimeout)
+	fmt.Printf("command: %s\n\n", strings.Join(os.Args, " "))
+
+	rig, err := tunnelbench.NewRig(cfg)
+	if err != nil {
+		return err
+	}
+	defer rig.Close()
+
+	type result struct {
+		name   string
+		value  string
+		ratio  string
+		target string
+		ok     bool
+	}
+	var results []result
+	add := func(name, value, ratio, target string, ok bool) {
+		results = append(results, result{name, value, ratio, target, ok})
+		mark := "MET"
+		if !ok {
+			mark = "MISSED"
+		}
+		if target == "" {
+			mark = ""
+		}
+		fmt.Printf("%-28s %-34s %-16s %s %s\n", name, value, ratio, target, mark)
+	}
+
+	// Throughput: paired runs, alternating which path goes first.
+	total := int64(*mib) << 20
+	for _, streams := range []int{1, 8} {
+		var raw, tun, ratios []float64
+		for rep := range *reps {
+			order := []tunnelbench.Path{tunnelbench.Raw, tunnelbench.Tunnel}
+			if rep%2 == 1 {
+				order = []tunnelbench.Path{tunnelbench.Tunnel, tunnelbench.Raw}
+			}
+			var got [2]float64
+			for _, p := range order {
+				bps, err := rig.Throughput(p, streams, total/int64(streams))
+				if err != nil {
+					return err
+				}
+				got[p] = bps
+			}
+			tun = append(tun, got[tunnelbench.Tunnel])
+			raw = append(raw, got[tunnelbench.Raw])
+			ratios = append(ratios, got[tunnelbench.Tunnel]/got[tunnelbench.Raw])
+		}
+		target := 0.8
+		if streams > 1 {
+			target = 0.9
+		}
+		r := median(ratios)
+		add(fmt.Sprintf("throughput %d stream(s)", streams),
+			fmt.Sprintf("tunnel %.0f MB/s, raw %.0f MB/s", median(tun)/1e6, median(raw)/1e6),
+			fmt.Sprintf("ratio %.2f", r), fmt.Sprintf(">= %.1fx", target), r >= target)
+	}
+
+	// Echo round trip.
+	tunRTT, err := rig.EchoRTT(tunnelbench.Tunnel, *echoN)
+	if err != nil {
+		return fmt.Errorf("echo through the tunnel: %w", err)
+	}
+	rawRTT, err := rig.EchoRTT(tunnelbench.Raw, *echoN)
+	if err != nil {
+		return fmt.Errorf("echo through the raw pair: %w", err)
+	}
+	add("echo 64B p50", fmt.Sprintf("tunnel %s, raw %s", pct(tunRTT, 50), pct(rawRTT, 50)),
+		fmt.Sprintf("ratio %.2f", float64(pct(tunRTT, 50))/float64(pct(rawRTT, 50))), "", true)
+	p99 := pct(tunRTT, 99)
+	add("echo 64B p99", fmt.Sprintf("tunnel %s, raw %s", p99, pct(rawRTT, 99)),
+		fmt.Sprintf("ratio %.2f", float64(p99)/float64(pct(rawRTT, 99))), "<= 700us", p99 <= 700*time.Microsecond)
+
+	// Stream open vs a new mTLS connection.
+	op, err := rig.OpenLatency(*opens)
+	if err != nil {
+		return fmt.Errorf("stream opens: %w", err)
+	}
+	rawOp, err := rig.RawOpenLatency(min(*opens, 300))
+	if err != nil {
+		return fmt.Errorf("raw connection opens: %w", err)
+	}
+	p50 := pct(op, 50)
+	add("stream open p50", fmt.Sprintf("tunnel %s (p99 %s), new mTLS conn %s", p50, pct(op, 99), pct(rawOp, 50)),
+		fmt.Sprintf("ratio %.2f", float64(p50)/float64(pct(rawOp, 50))), "<= 800us", p50 <= 800*time.Microsecond)
+	rig.Close()
+
+	// Memory per idle session, gateway side only: the agents run in a child.
+	per, err := idleMemory(cfg, *idle)
+	if err != nil {
+		return fmt.Errorf("idle memory: %w", err)
+	}
+	add("gateway memory/idle session", fmt.Sprintf("%.1f KiB (n=%d)", per/1024, *idle), "", "<= 30 KiB", per <= 30*1024)
+
+	met, targets := 0, 0
+	for _, r := range results {
+		if r.target != "" {
+			targets++
+			if r.ok {
+				met++
+			}
+		}
+	}
+	fmt.Printf("\n%d of %d targets met\n", met, targets)
+	return nil
+}
+
+// idleMemory starts an IdleGateway here, has a child process dial n idle
+// agents into it, and returns the growth of live heap + stacks per session.
+func idleMemory(cfg tunnel.Config, n int) (float64, error) {
+	p, err := tunnelbench.NewPKI()
+	if err != nil {
+		return 0, err
+	}
+	g, err := tunnelbench.StartIdleGateway(p, cfg)
+	if err != nil {
+		return 0, err
+	}
+	defer g.Close()
+	creds, err := p.ExportAgent()
+	if err != nil {
+		return 0, err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return 0, err
+	}
+	before := tunnelbench.LiveBytes()
+	child := exec.Command(self, "-idle-agents")
+	stdin, err := child.StdinPipe()
+	if err != nil {
+		return 0, err
+	}
+	stdout, err := child.StdoutPipe()
+	if err != nil {
+		return 0, err
+	}
+	child.Stderr = os.Stderr
+	if err := child.Start(); err != nil {
+		return 0, err
+	}
+	defer child.Wait()
+	defer stdin.Close()
+	fmt.Fprintf(stdin, "%s %d %s\n", g.Addr(), n, creds)
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || strings.TrimSpace(line) != "ready" {
+		return 0, fmt.Errorf("idle agents did not start: %q %v", line, err)
+	}
+	if err := g.WaitHellos(int64(n), 30*time.Second); err != nil {
+		return 0, err
+	}
+	after := tunnelbench.LiveBytes()
+	return float64(int64(after)-int64(before)) / float64(n), nil
+}
+
+// idleAgents is the child: read "addr n creds", dial, say ready, wait for EOF.
+func idleAgents(cfg tunnel.Config) error {
+	in := bufio.NewReader(os.Stdin)
+	line, err := in.ReadString('\n')
+	if err != nil {
+		return err
+	}
+	var addr, creds string
+	var n int
+	if _, err := fmt.Sscanf(line, "%s %d %s", &addr, &n, &creds); err != nil {
+		return fmt.Errorf("idle agents: bad parameters: %w", err)
+	}
+	p, err := tunnelbench.ImportAgent([]byte(creds))
+	if err != nil {
+		return err
+	}
+	closeAll, err := tunnelbench.DialIdleAgents(context.Background(), p, cfg, addr, n)
+	if err != nil {
+		return err
+	}
+	defer closeAll()
+	fmt.Println("ready")
+	io.Copy(io.Discard, in) // until the parent closes our stdin
+	return nil
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func pct(d []time.Duration, p int) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := (len(s)*p + 99) / 100
+	if i >= len(s) {
+		i = len(s) - 1
+	}
+	if i > 0 && p < 100 {
+		i--
+	}
+	return s[i].Round(time.Microsecond)
+}
+
+func cpuModel() string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "unknown"
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "model name") {
+			if _, v, ok := strings.Cut(l, ":"); ok {
+				return strings.TrimSpace(v)
+			}
+		}
+	}
+	return "unknown"
+}
