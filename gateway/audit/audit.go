@@ -42,7 +42,7 @@
 // 1,200-3,300 records per second; with many streams opening and closing at
 // once (the case that matters), group commit brings that to 6,500-10,000
 // per second. Verifying
-// reads roughly 100,000 records per second (BenchmarkVerify: about 0.1 s for
+// reads 50,000-100,000 records per second (BenchmarkVerify: 0.1-0.2 s for
 // 10,000 records). [Options.NoSync] turns the fsync off for tests and
 // benchmarks only.
 //

@@ -40,7 +40,7 @@ type WatchConfig struct {
 //
 // It polls rather than using inotify: every interval it reads the file and
 // compares a SHA-256 of the content with the policy in force. Reading a small
-// file once a second costs about 11 µs (BenchmarkPoll), needs no dependency, survives editors
+// file once a second costs 11-14 µs (BenchmarkPoll), needs no dependency, survives editors
 // that save by rename and directories that are replaced (Kubernetes ConfigMap
 // symlink swaps), and, unlike comparing mtime and size, cannot miss an edit
 // that keeps the file's size and lands in the same coarse kernel timestamp
