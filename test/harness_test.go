@@ -20,6 +20,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -351,7 +352,7 @@ func (g *Gateway) WaitAudit(kv map[string]string) map[string]any {
 		for _, r := range g.AuditRecords() {
 			ok := true
 			for k, v := range kv {
-				if fmt.Sprint(r[k]) != v {
+				if auditValue(r[k]) != v {
 					ok = false
 					break
 				}
@@ -364,6 +365,15 @@ func (g *Gateway) WaitAudit(kv map[string]string) map[string]any {
 		return false
 	})
 	return found
+}
+
+// auditValue formats a decoded JSON value for comparison: numbers without
+// exponent, everything else as fmt prints it.
+func auditValue(v any) string {
+	if f, ok := v.(float64); ok {
+		return strconv.FormatFloat(f, 'f', -1, 64)
+	}
+	return fmt.Sprint(v)
 }
 
 // Run runs a short wicket command to completion.
