@@ -106,7 +106,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		MaxStreamWindowSize:    4 << 20,
-		AcceptBacklog:          128,
+		AcceptBacklog:          64,
 		KeepAliveInterval:      15 * time.Second,
 		ConnectionWriteTimeout: 10 * time.Second,
 		StreamOpenTimeout:      30 * time.Second,

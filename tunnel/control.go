@@ -111,6 +111,9 @@ func (c *Control) Recv(v any) error {
 	if _, err := io.ReadFull(c.st, body); err != nil {
 		return fmt.Errorf("control recv: truncated message: %w", err)
 	}
+	// Control messages are rare: free the stream's receive buffer between
+	// them instead of keeping it for the life of the session.
+	c.st.ys.Shrink()
 	if err := json.Unmarshal(body, v); err != nil {
 		return fmt.Errorf("control recv: decode: %w", err)
 	}

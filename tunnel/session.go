@@ -150,7 +150,6 @@ type Session struct {
 	cfg    Config
 	log    *slog.Logger
 	client bool
-	cs     tls.ConnectionState
 
 	rejected atomic.Uint64 // streams refused because their header was bad
 
@@ -169,7 +168,6 @@ func newSession(conn *tls.Conn, cfg Config, client bool) (*Session, error) {
 		cfg:    cfg,
 		log:    cfg.logger().With("remote", conn.RemoteAddr().String()),
 		client: client,
-		cs:     conn.ConnectionState(),
 	}
 	wc := &frameConn{Conn: conn, timeout: cfg.ConnectionWriteTimeout, onTimeout: s.writeTimedOut}
 	var err error
@@ -291,7 +289,7 @@ func (s *Session) RejectedStreams() uint64 { return s.rejected.Load() }
 
 // ConnectionState is the TLS state of the connection (peer certificates,
 // ALPN, version, cipher), captured after the handshake.
-func (s *Session) ConnectionState() tls.ConnectionState { return s.cs }
+func (s *Session) ConnectionState() tls.ConnectionState { return s.conn.ConnectionState() }
 
 // RemoteAddr is the peer's network address.
 func (s *Session) RemoteAddr() net.Addr { return s.conn.RemoteAddr() }

@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"time"
@@ -37,12 +38,14 @@ func main() {
 }
 
 func run() error {
+	runtime.MemProfileRate = 512 // fine-grained enough to attribute per-session bytes
 	mib := flag.Int("mib", 256, "MiB pushed per throughput run (split across the streams)")
 	reps := flag.Int("reps", 3, "throughput repetitions per configuration, alternating paths; the median is reported")
 	echoN := flag.Int("echo", 3000, "64-byte echo round trips per path")
 	opens := flag.Int("opens", 1000, "stream opens to time")
 	idle := flag.Int("idle", 200, "idle agent sessions for the memory figure (max 1000)")
 	window := flag.Uint("window", 0, "override tunnel MaxStreamWindowSize in bytes (0 = default)")
+	memProfile := flag.String("memprofile", "", "write a heap profile of the gateway side with the idle sessions up to this file")
 	idleChild := flag.Bool("idle-agents", false, "internal: play the idle agents in a child process")
 	flag.Parse()
 
@@ -149,11 +152,19 @@ func run() error {
 	rig.Close()
 
 	// Memory per idle session, gateway side only: the agents run in a child.
-	per, err := idleMemory(cfg, *idle)
-	if err != nil {
-		return fmt.Errorf("idle memory: %w", err)
+	for _, bare := range []bool{true, false} {
+		heap, stack, gor, err := idleMemory(cfg, *idle, bare, *memProfile)
+		if err != nil {
+			return fmt.Errorf("idle memory: %w", err)
+		}
+		per := heap + stack
+		name := "idle session, tunnel only"
+		if !bare {
+			name = "idle session, as gateway"
+		}
+		add(name, fmt.Sprintf("%.1f KiB (heap %.1f + stacks %.1f, %.1f goroutines; n=%d)", per/1024, heap/1024, stack/1024, gor, *idle),
+			"", "<= 30 KiB", per <= 30*1024)
 	}
-	add("gateway memory/idle session", fmt.Sprintf("%.1f KiB (n=%d)", per/1024, *idle), "", "<= 30 KiB", per <= 30*1024)
 
 	met, targets := 0, 0
 	for _, r := range results {
@@ -170,50 +181,60 @@ func run() error {
 
 // idleMemory starts an IdleGateway here, has a child process dial n idle
 // agents into it, and returns the growth of live heap + stacks per session.
-func idleMemory(cfg tunnel.Config, n int) (float64, error) {
+func idleMemory(cfg tunnel.Config, n int, bare bool, profile string) (heap, stack, goroutines float64, err error) {
 	p, err := tunnelbench.NewPKI()
 	if err != nil {
-		return 0, err
+		return 0, 0, 0, err
 	}
-	g, err := tunnelbench.StartIdleGateway(p, cfg)
+	g, err := tunnelbench.StartIdleGateway(p, cfg, bare)
 	if err != nil {
-		return 0, err
+		return 0, 0, 0, err
 	}
 	defer g.Close()
 	creds, err := p.ExportAgent()
 	if err != nil {
-		return 0, err
+		return 0, 0, 0, err
 	}
 	self, err := os.Executable()
 	if err != nil {
-		return 0, err
+		return 0, 0, 0, err
 	}
 	before := tunnelbench.LiveBytes()
 	child := exec.Command(self, "-idle-agents")
 	stdin, err := child.StdinPipe()
 	if err != nil {
-		return 0, err
+		return 0, 0, 0, err
 	}
 	stdout, err := child.StdoutPipe()
 	if err != nil {
-		return 0, err
+		return 0, 0, 0, err
 	}
 	child.Stderr = os.Stderr
 	if err := child.Start(); err != nil {
-		return 0, err
+		return 0, 0, 0, err
 	}
 	defer child.Wait()
 	defer stdin.Close()
 	fmt.Fprintf(stdin, "%s %d %s\n", g.Addr(), n, creds)
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if err != nil || strings.TrimSpace(line) != "ready" {
-		return 0, fmt.Errorf("idle agents did not start: %q %v", line, err)
+		return 0, 0, 0, fmt.Errorf("idle agents did not start: %q %v", line, err)
 	}
 	if err := g.WaitHellos(int64(n), 30*time.Second); err != nil {
-		return 0, err
+		return 0, 0, 0, err
 	}
 	after := tunnelbench.LiveBytes()
-	return float64(int64(after)-int64(before)) / float64(n), nil
+	if profile != "" && !bare {
+		f, err := os.Create(profile)
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		pprof.Lookup("heap").WriteTo(f, 0)
+		f.Close()
+	}
+	nf := float64(n)
+	return float64(int64(after.Heap)-int64(before.Heap)) / nf, float64(int64(after.Stack)-int64(before.Stack)) / nf,
+		float64(after.Goroutines-before.Goroutines) / nf, nil
 }
 
 // idleAgents is the child: read "addr n creds", dial, say ready, wait for EOF.
