@@ -441,7 +441,9 @@ func (px *proxy) pipe(dst, src net.Conn, fromClient bool) {
 		src.SetReadDeadline(time.Time{})
 		n, err := src.Read(buf)
 		if err != nil {
-			dst.Close()
+			if !px.blackhole.Load() { // a black hole does not even pass on a close
+				dst.Close()
+			}
 			return
 		}
 		if px.blackhole.Load() {

@@ -191,3 +191,41 @@ func TestCloseWriteFallsBackToClose(t *testing.T) {
 	}
 	y.Close()
 }
+
+// yamux #133 on a real stream: the peer closes the stream completely (FIN,
+// then no more reads); our relay's writes into it must end within the stall
+// bound instead of hanging once the window is used up.
+func TestRelayStreamPeerClosedBounded(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	p := newPKI(t)
+	release := make(chan struct{})
+	srv := startServer(t, p, testConfig(), func(st *Stream) {
+		st.Reply(StatusOK, "")
+		st.Close()
+		<-release
+	})
+	s := dialTest(t, p, srv.addr(), testConfig())
+	st, err := s.OpenStream(context.Background(), Header{Kind: KindData, Resource: "gone"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1, c2 := tcpPair(t)
+	ch := startRelay(context.Background(), c2, st, 200*time.Millisecond)
+	go func() {
+		big := make([]byte, 1<<20)
+		for {
+			if _, err := c1.Write(big); err != nil {
+				return
+			}
+		}
+	}()
+	r := waitRelay(t, ch)
+	if !isTimeout(r.err) {
+		t.Fatalf("relay err = %v, want a write timeout", r.err)
+	}
+	t.Logf("relay gave up after writing %d bytes into a stream nobody reads", r.aToB)
+	c1.Close()
+	close(release)
+	s.Close()
+	srv.close()
+}
