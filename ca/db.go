@@ -67,7 +67,8 @@ func openDB(dataDir, dsn string) (*authDB, error) {
 		}
 		adb, err := stepdb.New(&stepdb.Config{Type: nosql.BBoltDriver, DataSource: path})
 		if err != nil {
-			return nil, fmt.Errorf("open CA database %s: %w", path, err)
+			// bbolt holds an exclusive lock; step's driver gives up after 5s.
+			return nil, fmt.Errorf("open CA database %s (is another gateway using this data dir?): %w", path, err)
 		}
 		d := adb.(*stepdb.DB)
 		return &authDB{DB: d, closeFn: d.Shutdown, revoked: map[string]struct{}{}}, nil

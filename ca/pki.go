@@ -14,6 +14,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"go.step.sm/crypto/keyutil"
@@ -164,12 +165,25 @@ func createPKI(dir string, password []byte, now time.Time) (*pki, error) {
 		p.provKeys[role] = k.(*ecdsa.PrivateKey)
 		keys[f] = k
 	}
+	// PBKDF2 with 600k iterations per key dominates start-up: run them in parallel.
+	var mu sync.Mutex
+	var encErr error
+	var wg sync.WaitGroup
 	for f, k := range keys {
-		blk, err := pemutil.Serialize(k, pemutil.WithPassword(password), pemutil.WithPKCS8(true))
-		if err != nil {
-			return nil, fmt.Errorf("encrypt %s: %w", f, err)
-		}
-		files[f] = pem.EncodeToMemory(blk)
+		wg.Go(func() {
+			blk, err := pemutil.Serialize(k, pemutil.WithPassword(password), pemutil.WithPKCS8(true))
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				encErr = fmt.Errorf("encrypt %s: %w", f, err)
+				return
+			}
+			files[f] = pem.EncodeToMemory(blk)
+		})
+	}
+	wg.Wait()
+	if encErr != nil {
+		return nil, encErr
 	}
 	// Certificates last: root.crt is what a later start looks for first.
 	order := []string{rootKeyFile, intermediateKeyFile, agentProvKeyFile, userProvKeyFile, gatewayProvKeyFile, intermediateCertFile, rootCertFile}
@@ -196,27 +210,48 @@ func loadPKI(dir string, password []byte) (*pki, error) {
 	if err := inter.CheckSignatureFrom(root); err != nil {
 		return nil, fmt.Errorf("%w: %s is not signed by %s: %v", ErrCorruptState, intermediateCertFile, rootCertFile, err)
 	}
-	rootKey, err := readKey(filepath.Join(dir, rootKeyFile), password)
-	if err != nil {
+	// The root key is not needed at run time (the intermediate signs): it is checked
+	// to be an encrypted key but not decrypted, which saves a PBKDF2 run per start.
+	if err := checkEncryptedKeyFile(filepath.Join(dir, rootKeyFile)); err != nil {
 		return nil, err
 	}
-	if err := keyutil.VerifyPair(root.PublicKey, rootKey); err != nil {
-		return nil, fmt.Errorf("%w: %s does not match %s", ErrCorruptState, rootKeyFile, rootCertFile)
+	// Decrypt the other keys in parallel (PBKDF2 dominates start-up).
+	files := map[string]*ecdsa.PrivateKey{intermediateKeyFile: nil}
+	for _, f := range provKeyFiles {
+		files[f] = nil
 	}
-	intKey, err := readKey(filepath.Join(dir, intermediateKeyFile), password)
-	if err != nil {
-		return nil, err
+	var mu sync.Mutex
+	var errs []error
+	var wg sync.WaitGroup
+	for f := range files {
+		wg.Go(func() {
+			k, err := readKey(filepath.Join(dir, f), password)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+				return
+			}
+			files[f] = k
+		})
 	}
+	wg.Wait()
+	if len(errs) > 0 {
+		// Prefer the wrong-password error: it is the likely one and the actionable one.
+		for _, err := range errs {
+			if errors.Is(err, ErrWrongPassword) {
+				return nil, err
+			}
+		}
+		return nil, errs[0]
+	}
+	intKey := files[intermediateKeyFile]
 	if err := keyutil.VerifyPair(inter.PublicKey, intKey); err != nil {
 		return nil, fmt.Errorf("%w: %s does not match %s", ErrCorruptState, intermediateKeyFile, intermediateCertFile)
 	}
 	p := &pki{root: root, intermediate: inter, intermediateKey: intKey, provKeys: map[Role]*ecdsa.PrivateKey{}}
 	for role, f := range provKeyFiles {
-		k, err := readKey(filepath.Join(dir, f), password)
-		if err != nil {
-			return nil, err
-		}
-		p.provKeys[role] = k
+		p.provKeys[role] = files[f]
 	}
 	return p, nil
 }
@@ -231,6 +266,18 @@ func readCert(path string) (*x509.Certificate, error) {
 		return nil, fmt.Errorf("%w: %s: %v", ErrCorruptState, path, err)
 	}
 	return c, nil
+}
+
+func checkEncryptedKeyFile(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrCorruptState, err)
+	}
+	blk, rest := pem.Decode(b)
+	if blk == nil || blk.Type != "ENCRYPTED PRIVATE KEY" || len(bytes.TrimSpace(rest)) != 0 {
+		return fmt.Errorf("%w: %s is not an encrypted private key", ErrCorruptState, path)
+	}
+	return nil
 }
 
 // readKey decrypts an encrypted PKCS#8 ECDSA key. A file that is not such a PEM block
