@@ -1,6 +1,7 @@
 package tunnel_test
 
 import (
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -94,4 +95,23 @@ func pct(d []time.Duration, p int) time.Duration {
 	s := slices.Clone(d)
 	slices.Sort(s)
 	return s[min(len(s)-1, len(s)*p/100)]
+}
+
+// BenchmarkWindowAtRTT shows what MaxStreamWindowSize does to one stream on
+// a 20 ms round trip (a delay proxy with no bandwidth limit): throughput is
+// about window / RTT until the CPU becomes the limit.
+func BenchmarkWindowAtRTT(b *testing.B) {
+	for _, w := range []uint32{256 << 10, 1 << 20, 4 << 20, 16 << 20} {
+		b.Run(fmt.Sprintf("window-%dKiB", w>>10), func(b *testing.B) {
+			cfg := tunnel.DefaultConfig()
+			cfg.MaxStreamWindowSize = w
+			n := int64(w) * 8 // enough round trips to reach steady state
+			b.SetBytes(n)
+			for b.Loop() {
+				if _, err := tunnelbench.WindowThroughput(cfg, 20*time.Millisecond, n); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }
