@@ -37,11 +37,10 @@ func (g *Gateway) startPeer(conn *tls.Conn, ident ca.Identity, remote string) *p
 		return nil
 	}
 	p.stopTimer = g.clock.AfterFunc(p.notAfter.Sub(g.clock.Now()), func() {
-		if p.closeReason.CompareAndSwap(nil, ptr(reasonExpired)) {
+		if p.closeWith(reasonExpired) {
 			g.counters.closedExpired.Add(1)
 			g.log.Info("closed session: certificate expired", "identity", ident.String(), "serial", p.serial)
 		}
-		_ = sess.Close()
 	})
 	return p
 }
@@ -53,7 +52,15 @@ func (g *Gateway) stopPeer(p *peer) {
 	_ = p.sess.Close()
 }
 
-func ptr[T any](v T) *T { return &v }
+// Closing is the control message the gateway sends an agent right before it closes the
+// session for a reason of its own (certificate revoked or expired, shutdown).
+type Closing struct {
+	Closing string `json:"closing"`
+}
+
+// notifyTimeout bounds the Closing message, so a peer that does not read cannot delay the
+// close (revocation must take effect within a second).
+const notifyTimeout = 200 * time.Millisecond
 
 // serveAgent runs one agent session: the hello exchange on the control stream, registration,
 // later hellos, until the session ends.
@@ -82,6 +89,11 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 		resources: g.validResources(log, hello.Resources), remote: remote,
 		since: p.since, expires: p.notAfter, sess: p.sess, peer: p,
 	}
+	notify := func(reason string) {
+		_ = ctl.Stream().SetWriteDeadline(time.Now().Add(notifyTimeout))
+		_ = ctl.Send(Closing{Closing: reason})
+	}
+	p.notify.Store(&notify)
 	g.registry.add(as)
 	g.counters.agentSessions.Add(1)
 	if err := ctl.Send(tunnel.Hello{Name: gatewayID, Instance: p.id, Version: g.cfg.Version}); err != nil {

@@ -323,6 +323,14 @@ func TestRevokeClosesLiveSessionAndRefusesReconnect(t *testing.T) {
 	case <-time.After(time.Second - time.Since(start)):
 		t.Fatal("agent session still open 1s after revocation")
 	}
+	select {
+	case why := <-agent.closing:
+		if why != reasonRevoked {
+			t.Fatalf("closing message %q", why)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("the agent was not told why its session closed")
+	}
 	// The user's in-flight stream through that agent ends too.
 	_ = st.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.ReadAll(st); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {

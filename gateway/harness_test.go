@@ -261,6 +261,7 @@ type fakeAgent struct {
 	served   int
 	wg       sync.WaitGroup
 	ctl      *tunnel.Control
+	closing  chan string // the gateway's Closing reason
 	relayCtx context.Context
 	cancel   context.CancelFunc
 }
@@ -292,10 +293,22 @@ func (tg *testGateway) connectAgent(creds *ca.Credentials, instance string, expo
 		sess.Close()
 		return nil, err
 	}
-	a := &fakeAgent{t: tg.t, sess: sess, ack: ack, expose: expose, ctl: ctl}
+	a := &fakeAgent{t: tg.t, sess: sess, ack: ack, expose: expose, ctl: ctl, closing: make(chan string, 1)}
 	a.relayCtx, a.cancel = context.WithCancel(context.Background())
-	a.wg.Add(1)
+	a.wg.Add(2)
 	go a.serve()
+	go func() {
+		defer a.wg.Done()
+		for {
+			var m Closing
+			if err := ctl.Recv(&m); err != nil {
+				return
+			}
+			if m.Closing != "" {
+				a.closing <- m.Closing
+			}
+		}
+	}()
 	tg.t.Cleanup(a.close)
 	return a, nil
 }

@@ -32,6 +32,9 @@ type peer struct {
 
 	closeReason atomic.Pointer[string]
 	stopTimer   func() bool
+	// notify, when set, tells the peer why the gateway is closing its session, just before
+	// it does (agents: a control message), so its log can say "revoked" in words.
+	notify atomic.Pointer[func(reason string)]
 }
 
 func newPeer(id string, ident ca.Identity, leaf *x509.Certificate, sess *tunnel.Session, remote string, now time.Time) *peer {
@@ -50,6 +53,9 @@ func newPeer(id string, ident ca.Identity, leaf *x509.Certificate, sess *tunnel.
 // It reports whether this call gave the reason.
 func (p *peer) closeWith(reason string) bool {
 	first := p.closeReason.CompareAndSwap(nil, &reason)
+	if n := p.notify.Load(); first && n != nil {
+		(*n)(reason)
+	}
 	_ = p.sess.Close()
 	return first
 }
