@@ -184,7 +184,14 @@ func (x *peerIndex) closeAll(reason string) {
 		}
 	}
 	x.mu.Unlock()
+	// In parallel: each close may wait on a slow peer for up to notifyTimeout.
+	var wg sync.WaitGroup
 	for _, p := range all {
-		p.closeWith(reason)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.closeWith(reason)
+		}()
 	}
+	wg.Wait()
 }
