@@ -28,29 +28,40 @@ const (
 // the machine described in docs/BENCHMARKS.md ("## tunnel").
 type Config struct {
 	// MaxStreamWindowSize is the most unacknowledged data (bytes) the peer may
-	// send on one stream before it must wait for a window update; it is also the
-	// most the receiver buffers for a stream whose reader is slow. One stream's
-	// throughput is bounded by about MaxStreamWindowSize / RTT (yamux sends a
-	// window update once half the window has been consumed, so the sender
-	// keeps between 1/2 and 1 window in flight):
-	//   256 KiB (yamux default) at 50 ms RTT: 5.2 MB/s  = 0.04 Gbit/s
-	//     4 MiB                 at 50 ms RTT:  84 MB/s  = 0.67 Gbit/s
-	//    16 MiB                 at 50 ms RTT: 335 MB/s  = 2.7  Gbit/s
-	// On loopback (RTT ~50 us) anything >= 256 KiB saturates the CPU instead.
-	// The price is memory: a peer that writes to a stream nobody reads can make
-	// this side buffer up to one window (and bytes.Buffer growth up to ~2x) for
-	// that stream. Default 4 MiB: full speed to ~0.6 Gbit/s at 50 ms and a
-	// bounded worst case per stuck stream. Minimum 256 KiB (yamux's floor).
+	// send on one stream before it must wait for a window update; it is also
+	// the most the receiver buffers for a stream whose reader is slow. One
+	// stream's throughput is bounded by window / RTT:
+	//   256 KiB (yamux default) at 50 ms RTT:   5.2 MB/s = 0.04 Gbit/s
+	//     4 MiB                 at 50 ms RTT:    84 MB/s = 0.67 Gbit/s
+	//    16 MiB                 at 50 ms RTT:   335 MB/s = 2.7  Gbit/s
+	// Measured (BenchmarkWindowAtRTT, one stream through a 20 ms RTT delay
+	// proxy, 8 windows sent): 256 KiB 5.2 MB/s, 1 MiB 20 MB/s, 4 MiB 66 MB/s,
+	// 16 MiB 203 MB/s, i.e. about 0.4 x window/RTT for such transfers, since
+	// yamux only returns window after half of it was read. On loopback
+	// (RTT ~50 us) every size >= 256 KiB is CPU-bound, not window-bound.
+	//
+	// The price is memory, paid by the gateway: a stream whose far side reads
+	// slowly (a user on a slow link downloading a large result) makes the
+	// receiver buffer up to one window, and yamux's bytes.Buffer growth can
+	// reach ~2x that; a user opening many such streams multiplies it. The
+	// benchmarks also showed larger windows growing those buffers (and the
+	// garbage they leave) during bulk transfers on a busy 2-core box.
+	// Default 4 MiB: ~0.3 Gbit/s for one stream at 50 ms, ~1 Gbit/s at 10 ms,
+	// and at most ~8 MiB held per slow stream. Raise it (16 MiB) for bulk
+	// transfers over long paths when memory allows. Minimum 256 KiB (yamux's
+	// floor).
 	MaxStreamWindowSize uint32
 
 	// AcceptBacklog is how many streams the peer may have opened that this side
 	// has not yet accepted; beyond it yamux resets new streams, so a peer that
-	// opens streams faster than we accept them cannot grow our memory. yamux
-	// also uses it as the cap on this side's own un-acknowledged opens. Each
-	// un-accepted stream may carry up to 256 KiB (the initial window), so the
-	// worst case per session is AcceptBacklog x 256 KiB. Default 128: 1,000
-	// concurrent opens still complete (opens wait for a slot, they do not fail)
-	// and the hostile worst case stays at 32 MiB per session.
+	// opens streams faster than we accept them cannot grow our memory
+	// (TestStreamFloodIsBounded: 2,000 opens against a backlog of 16 leave 16
+	// held, the rest reset). yamux also uses it as the cap on this side's own
+	// un-acknowledged opens: more concurrent opens wait for a slot, they do not
+	// fail (TestThousandConcurrentStreams). Each un-accepted stream may carry
+	// up to 256 KiB (the initial window), so the hostile worst case per session
+	// is AcceptBacklog x 256 KiB. Default 64: 16 MiB worst case, and the
+	// accept queue costs 512 bytes per idle session (it is allocated up front).
 	AcceptBacklog int
 
 	// KeepAliveInterval is how often each side pings the peer. A peer that
@@ -58,7 +69,9 @@ type Config struct {
 	// KeepAliveInterval + 2 x ConnectionWriteTimeout and the session is closed
 	// so the agent reconnects. It also keeps NAT and load-balancer idle timers
 	// (typically >= 60 s) from expiring. Default 15 s (detection <= 35 s with
-	// the default write timeout). Must be > 0.
+	// the default write timeout; TestKeepaliveDetectsBlackhole measures ~300 ms
+	// with 100 ms / 200 ms). A ping costs 24 bytes each way, so even 10,000
+	// idle agents cost the gateway ~16 bytes/s each. Must be > 0.
 	KeepAliveInterval time.Duration
 
 	// ConnectionWriteTimeout bounds every write to the underlying connection
