@@ -193,7 +193,11 @@ func (c Config) yamuxConfig() *yamux.Config {
 }
 
 // yamuxLogger adapts yamux's printf logger to slog. yamux prefixes lines with
-// "[ERR]" or "[WARN]"; those become Warn and Info, the rest Debug.
+// "[ERR]" (mostly a connection that ended uncleanly) or "[WARN]" (per-stream
+// events such as a reset for a full backlog, which a misbehaving peer can
+// trigger at will); those become Info and Debug so a peer cannot flood the
+// log. The events that matter (keepalive and write timeouts, refused
+// streams) are logged by this package itself.
 type yamuxLogger struct{ l *slog.Logger }
 
 func (y yamuxLogger) Print(v ...any)                 { y.emit(fmt.Sprint(v...)) }
@@ -204,10 +208,10 @@ func (y yamuxLogger) emit(msg string) {
 	level := slog.LevelDebug
 	switch {
 	case strings.HasPrefix(msg, "[ERR]"):
-		level = slog.LevelWarn
+		level = slog.LevelInfo
 		msg = strings.TrimSpace(strings.TrimPrefix(msg, "[ERR]"))
 	case strings.HasPrefix(msg, "[WARN]"):
-		level = slog.LevelInfo
+		level = slog.LevelDebug
 		msg = strings.TrimSpace(strings.TrimPrefix(msg, "[WARN]"))
 	}
 	y.l.Log(context.Background(), level, msg)
