@@ -85,7 +85,7 @@ func (c *fakeClock) Advance(d time.Duration) {
 // testGateway is a real gateway on 127.0.0.1:0 in a temp data dir.
 type testGateway struct {
 	*Gateway
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	clock   *fakeClock
 	cancel  context.CancelFunc
@@ -100,14 +100,14 @@ const testPolicy = `rules:
     resources: ["echo"]
 `
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	if os.Getenv("WICKET_TEST_LOG") != "" {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return slog.New(slog.DiscardHandler)
 }
 
-func startGateway(t *testing.T, mod func(*Config)) *testGateway {
+func startGateway(t testing.TB, mod func(*Config)) *testGateway {
 	t.Helper()
 	dir := t.TempDir()
 	pol := filepath.Join(dir, "policy.yaml")
@@ -253,7 +253,7 @@ func (tg *testGateway) dial(alpn string, creds *ca.Credentials) (*tunnel.Session
 
 // fakeAgent is the agent's side of the protocol, enough to exercise the gateway.
 type fakeAgent struct {
-	t        *testing.T
+	t        testing.TB
 	sess     *tunnel.Session
 	ack      tunnel.Hello
 	expose   map[string]string // resource -> host:port ("" answers dial failed)
@@ -359,7 +359,7 @@ func (a *fakeAgent) close() {
 }
 
 // echoServer echoes every connection and half-closes after the client does.
-func echoServer(t *testing.T) string {
+func echoServer(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -388,7 +388,7 @@ func echoServer(t *testing.T) string {
 }
 
 // closedPort returns an address nothing listens on.
-func closedPort(t *testing.T) string {
+func closedPort(t testing.TB) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
