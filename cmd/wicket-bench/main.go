@@ -39,8 +39,8 @@ func main() {
 
 func run() error {
 	runtime.MemProfileRate = 512 // fine-grained enough to attribute per-session bytes
-	mib := flag.Int("mib", 256, "MiB pushed per throughput run (split across the streams)")
-	reps := flag.Int("reps", 3, "throughput repetitions per configuration, alternating paths; the median is reported")
+	mib := flag.Int("mib", 128, "MiB pushed per throughput run (split across the streams)")
+	reps := flag.Int("reps", 5, "throughput repetitions per configuration, alternating paths; the median is reported")
 	echoN := flag.Int("echo", 3000, "64-byte echo round trips per path")
 	opens := flag.Int("opens", 1000, "stream opens to time")
 	idle := flag.Int("idle", 200, "idle agent sessions for the memory figure (max 1000)")
