@@ -87,7 +87,8 @@ func obtainIdentity(ctx context.Context, cfg *Config) (*identity.Stored, error) 
 			log.Warn("the token cannot enroll again; using the stored identity, which is still valid", "agent", name, "err", err)
 			return stored, nil
 		}
-		return nil, fmt.Errorf("enroll agent %s with the gateway at %s: %w", name, info.URL, err)
+		log.Debug("enrollment failed", "agent", name, "err", err)
+		return nil, fmt.Errorf("enroll agent %s with the gateway at %s: %w", name, info.URL, identity.CAReason(err))
 	}
 	s := &identity.Stored{
 		Meta: identity.Meta{

@@ -79,7 +79,7 @@ func login(ctx context.Context, token, dataDir string,
 	}
 	creds, err := enroll(ctx, token)
 	if err != nil {
-		return nil, fmt.Errorf("log in as %s at %s: %w", info.Identity.Name, info.URL, err)
+		return nil, fmt.Errorf("log in as %s at %s: %w", info.Identity.Name, info.URL, identity.CAReason(err))
 	}
 	s := &identity.Stored{
 		Meta: identity.Meta{URL: info.URL, Role: ca.RoleUser, Name: info.Identity.Name,

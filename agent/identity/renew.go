@@ -315,3 +315,17 @@ func (r *Renewer) renewOnce(ctx context.Context, st *state) error {
 		"expires", leaf.NotAfter, "next_renewal", ns.renewAt)
 	return nil
 }
+
+// CAReason returns the ca sentinel error that err matches (token used,
+// token expired, revoked, ...), or err itself. The ca package wraps its
+// sentinels with its own context and the HTTP detail; a caller that adds its
+// own context uses this so a person reads the reason once.
+func CAReason(err error) error {
+	for _, s := range []error{ca.ErrTokenUsed, ca.ErrTokenExpired, ca.ErrTokenInvalid, ca.ErrUnknownCA,
+		ca.ErrRevoked, ca.ErrExpired, ca.ErrWrongRole, ca.ErrRequestRefused} {
+		if errors.Is(err, s) {
+			return s
+		}
+	}
+	return err
+}
