@@ -1,0 +1,101 @@
+package public
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+)
+
+// A browser-like client (Pebble's root only) fetches a page of the demo target through a
+// certificate certmagic obtained from Pebble with tls-alpn-01 on the HTTPS listener.
+func TestObtainTLSALPNAndServe(t *testing.T) {
+	checkLeaks(t)
+	const host = "alpn.wicket.test"
+	e := startEnv(t, envOptions{
+		hosts:      map[string]Host{host: {Resource: "web", Access: AccessPublic}},
+		challenges: []string{ChallengeTLSALPN01},
+	}, nil)
+	leaf := e.waitCert(host)
+	if len(leaf.DNSNames) != 1 || leaf.DNSNames[0] != host {
+		t.Fatalf("certificate names %v, want [%s]", leaf.DNSNames, host)
+	}
+	if n := e.httpLn.n.Load(); n != 0 {
+		t.Fatalf("the HTTP listener saw %d connections; only tls-alpn-01 was enabled", n)
+	}
+
+	status, body, hdr, served, err := get(e.client(nil, false), e.url(host, "/index.html?token=secret"), map[string]string{UserHeader: "mallory"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if status != http.StatusOK || body != "hello from the demo target: GET /index.html" {
+		t.Fatalf("got %d %q", status, body)
+	}
+	if served.SerialNumber.Cmp(leaf.SerialNumber) != 0 {
+		t.Fatalf("served serial %v, managed %v", served.SerialNumber, leaf.SerialNumber)
+	}
+	if got := hdr.Get("X-Seen-User"); got != "" {
+		t.Fatalf("the target saw %s %q on a public host; a client-sent identity must be dropped", UserHeader, got)
+	}
+	if got := hdr.Get("X-Seen-Host"); !strings.HasPrefix(got, host) {
+		t.Fatalf("the target saw Host %q, want the published host", got)
+	}
+
+	recs := e.audits.ofType(TypeHTTPRequest)
+	if len(recs) != 1 {
+		t.Fatalf("%d http.request records, want 1: %+v", len(recs), recs)
+	}
+	r := recs[0]
+	if r.Extra["host"] != host || r.Extra["path"] != "/index.html" || r.Extra["status"] != "200" ||
+		r.Resource != "web" || r.Outcome != "ok" || r.BytesDown != int64(len(body)) || r.TLSVersion == "" {
+		t.Fatalf("audit record %+v", r)
+	}
+	for _, r := range e.audits.recs {
+		for k, v := range r.Extra {
+			if strings.Contains(v, "secret") {
+				t.Fatalf("audit record %s leaks the query string in %s=%q", r.Type, k, v)
+			}
+		}
+	}
+	if s := e.srv.Stats(); s.CertsObtained != 1 || s.ObtainFailures != 0 {
+		t.Fatalf("stats %+v", s)
+	}
+}
+
+// certmagic obtains the certificate with http-01, answered on the plain HTTP listener, which
+// otherwise redirects published hosts to HTTPS and refuses other names.
+func TestObtainHTTP01AndRedirect(t *testing.T) {
+	checkLeaks(t)
+	const host = "http01.wicket.test"
+	e := startEnv(t, envOptions{
+		hosts:      map[string]Host{host: {Resource: "web", Access: AccessPublic}},
+		challenges: []string{ChallengeHTTP01},
+	}, nil)
+	e.waitCert(host)
+	if n := e.httpLn.n.Load(); n == 0 {
+		t.Fatal("the HTTP listener saw no connection, but only http-01 was enabled")
+	}
+	status, body, _, _, err := get(e.client(nil, false), e.url(host, "/"), nil)
+	if err != nil || status != http.StatusOK || !strings.HasPrefix(body, "hello from the demo target") {
+		t.Fatalf("got %d %q %v", status, body, err)
+	}
+
+	plain := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := plain.Get("http://" + e.httpLn.Addr().String() + "/a/b?c=d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("an unpublished Host got %d on the HTTP listener, want 404 (no open redirect)", resp.StatusCode)
+	}
+	req, _ := http.NewRequest(http.MethodGet, "http://"+e.httpLn.Addr().String()+"/a/b?c=d", nil)
+	req.Host = host
+	resp, err = plain.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if want := e.url(host, "/a/b?c=d"); resp.StatusCode != http.StatusPermanentRedirect || resp.Header.Get("Location") != want {
+		t.Fatalf("redirect %d to %q, want 308 to %q", resp.StatusCode, resp.Header.Get("Location"), want)
+	}
+}
