@@ -91,26 +91,31 @@ func run() error {
 		fmt.Printf("%-28s %-34s %-16s %s %s\n", name, value, ratio, target, mark)
 	}
 
-	// Throughput: paired runs, alternating which path goes first.
+	// Throughput: paired runs, alternating which path goes first. The CPU
+	// cost per byte is reported too: it does not depend on how much of the
+	// machine other work leaves us.
 	total := int64(*mib) << 20
 	for _, streams := range []int{1, 8} {
-		var raw, tun, ratios []float64
+		var raw, tun, ratios, cpuRatios, tunCPU, rawCPU []float64
 		for rep := range *reps {
 			order := []tunnelbench.Path{tunnelbench.Raw, tunnelbench.Tunnel}
 			if rep%2 == 1 {
 				order = []tunnelbench.Path{tunnelbench.Tunnel, tunnelbench.Raw}
 			}
-			var got [2]float64
+			var got, cpu [2]float64
 			for _, p := range order {
-				bps, err := rig.Throughput(p, streams, total/int64(streams))
+				bps, c, err := rig.ThroughputCPU(p, streams, total/int64(streams))
 				if err != nil {
 					return err
 				}
-				got[p] = bps
+				got[p], cpu[p] = bps, c
 			}
 			tun = append(tun, got[tunnelbench.Tunnel])
 			raw = append(raw, got[tunnelbench.Raw])
+			tunCPU = append(tunCPU, cpu[tunnelbench.Tunnel])
+			rawCPU = append(rawCPU, cpu[tunnelbench.Raw])
 			ratios = append(ratios, got[tunnelbench.Tunnel]/got[tunnelbench.Raw])
+			cpuRatios = append(cpuRatios, cpu[tunnelbench.Raw]/cpu[tunnelbench.Tunnel])
 		}
 		target := 0.8
 		if streams > 1 {
@@ -120,6 +125,10 @@ func run() error {
 		add(fmt.Sprintf("throughput %d stream(s)", streams),
 			fmt.Sprintf("tunnel %.0f MB/s, raw %.0f MB/s", median(tun)/1e6, median(raw)/1e6),
 			fmt.Sprintf("ratio %.2f", r), fmt.Sprintf(">= %.1fx", target), r >= target)
+		add(fmt.Sprintf("  CPU/byte %d stream(s)", streams),
+			fmt.Sprintf("tunnel %.2f ns/B, raw %.2f ns/B", median(tunCPU), median(rawCPU)),
+			fmt.Sprintf("ratio %.2f", median(cpuRatios)), "", true)
+		fmt.Printf("  per-rep wall ratios %s\n", fmtRatios(ratios))
 	}
 
 	// Echo round trip.
@@ -261,6 +270,14 @@ func idleAgents(cfg tunnel.Config) error {
 	fmt.Println("ready")
 	io.Copy(io.Discard, in) // until the parent closes our stdin
 	return nil
+}
+
+func fmtRatios(v []float64) string {
+	parts := make([]string, len(v))
+	for i, x := range v {
+		parts[i] = fmt.Sprintf("%.2f", x)
+	}
+	return strings.Join(parts, " ")
 }
 
 func median(v []float64) float64 {

@@ -30,6 +30,7 @@ import (
 	"net"
 	"net/url"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/wicketgw/wicket/tunnel"
@@ -386,6 +387,33 @@ func (r *Rig) dialFront(p Path, mode byte) (*tls.Conn, error) {
 // connections on path p and returns the delivered rate in bytes/second,
 // counted at the sink from the first write to the last sink acknowledgment.
 func (r *Rig) Throughput(p Path, streams int, bytesPerStream int64) (float64, error) {
+	bps, _, err := r.ThroughputCPU(p, streams, bytesPerStream)
+	return bps, err
+}
+
+// ThroughputCPU is Throughput that also returns the CPU time (user+system)
+// the whole process spent per delivered byte, in nanoseconds. Every stage of
+// both paths runs in this process, so on a machine shared with other load,
+// where wall-clock rates swing with the CPU share we get, the CPU cost per
+// byte is the steadier way to compare the paths.
+func (r *Rig) ThroughputCPU(p Path, streams int, bytesPerStream int64) (bps, cpuNsPerByte float64, err error) {
+	cpu0 := cpuTime()
+	bps, err = r.throughput(p, streams, bytesPerStream)
+	if err != nil {
+		return 0, 0, err
+	}
+	return bps, float64(cpuTime()-cpu0) / float64(bytesPerStream*int64(streams)), nil
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func (r *Rig) throughput(p Path, streams int, bytesPerStream int64) (float64, error) {
 	conns := make([]*tls.Conn, streams)
 	for i := range conns {
 		c, err := r.dialFront(p, modeDiscard)
