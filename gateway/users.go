@@ -72,6 +72,11 @@ func (t *sessionTable) list() []SessionInfo {
 	return out
 }
 
+// maxStreamsPerUser bounds the streams one user connection may have open at once through the
+// gateway, so one client cannot make the gateway hold unbounded goroutines and agent streams.
+// `wicket connect` opens one stream per local connection; 1024 is far above normal use.
+const maxStreamsPerUser = 1024
+
 // serveUser runs one user connection: every stream it opens names a resource and becomes one
 // relayed session.
 func (g *Gateway) serveUser(conn *tls.Conn, ident ca.Identity, remote string) {
@@ -86,7 +91,10 @@ func (g *Gateway) serveUser(conn *tls.Conn, ident ca.Identity, remote string) {
 	setIdentity(&r, ident)
 	g.record(r)
 
-	var streams sync.WaitGroup
+	var (
+		streams sync.WaitGroup
+		open    atomic.Int64
+	)
 	for {
 		st, err := p.sess.AcceptStream(g.bgCtx)
 		if err != nil {
@@ -99,9 +107,17 @@ func (g *Gateway) serveUser(conn *tls.Conn, ident ca.Identity, remote string) {
 			}
 			break
 		}
+		if n := open.Add(1); n > maxStreamsPerUser {
+			open.Add(-1)
+			_ = st.Reply(tunnel.StatusUnavailable, fmt.Sprintf("more than %d streams open on this connection; close some and retry", maxStreamsPerUser))
+			_ = st.Close()
+			g.counters.streamInc("too many streams")
+			continue
+		}
 		streams.Add(1)
 		go func() {
 			defer streams.Done()
+			defer open.Add(-1)
 			g.handleUserStream(p, st)
 		}()
 	}
