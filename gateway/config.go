@@ -20,6 +20,8 @@ const (
 	// sessions at once through ca.Config.OnRevoke; the sweep covers revocations made by other
 	// paths (another gateway sharing the database, a direct database edit).
 	DefaultRevocationSweep = 500 * time.Millisecond
+	// DefaultMaxStreamsPerUser bounds the streams open at once on one user connection.
+	DefaultMaxStreamsPerUser = 1024
 	// DefaultHandshakeTimeout bounds the TLS handshake of one incoming connection and, for
 	// agents, the wait for their hello.
 	DefaultHandshakeTimeout = 10 * time.Second
@@ -60,6 +62,10 @@ type Config struct {
 	// HandshakeTimeout bounds each incoming TLS handshake and an agent's hello. Default:
 	// Tunnel.HandshakeTimeout if set, else 10s.
 	HandshakeTimeout time.Duration
+	// MaxStreamsPerUser bounds the streams one user connection may have open at once, so
+	// one client cannot make the gateway hold unbounded goroutines and agent streams;
+	// `wicket connect` opens one stream per local connection. Default 1024.
+	MaxStreamsPerUser int
 	// RevocationSweep is the period of the revocation re-check of live sessions. Default 500ms.
 	RevocationSweep time.Duration
 	// Tunnel configures the yamux sessions with agents and users. Default tunnel.DefaultConfig().
@@ -103,6 +109,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.PolicyInterval <= 0 {
 		c.PolicyInterval = time.Second
+	}
+	if c.MaxStreamsPerUser <= 0 {
+		c.MaxStreamsPerUser = DefaultMaxStreamsPerUser
 	}
 	if c.RevocationSweep <= 0 {
 		c.RevocationSweep = DefaultRevocationSweep

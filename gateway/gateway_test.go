@@ -807,3 +807,44 @@ func TestRenewThroughGatewayPort(t *testing.T) {
 	})
 	tg.stop()
 }
+
+func TestStreamsPerUserCapped(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, func(c *Config) { c.MaxStreamsPerUser = 2 })
+	echo := echoServer(t)
+	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
+		t.Fatal(err)
+	}
+	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer user.Close()
+	var open []*tunnel.Stream
+	for range 2 {
+		st, err := openStream(user, "echo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		open = append(open, st)
+	}
+	_, err = openStream(user, "echo")
+	if s, reason, ok := replyStatus(err); !ok || s != tunnel.StatusUnavailable || !strings.Contains(reason, "more than 2 streams") {
+		t.Fatalf("third stream: %v", err)
+	}
+	open[0].Close()
+	if !eventually(5*time.Second, func() bool {
+		st, err := openStream(user, "echo")
+		if err == nil {
+			open = append(open, st)
+		}
+		return err == nil
+	}) {
+		t.Fatal("a slot did not free up after a stream closed")
+	}
+	for _, st := range open {
+		st.Close()
+	}
+	user.Close()
+	tg.stop()
+}

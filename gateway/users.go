@@ -72,11 +72,6 @@ func (t *sessionTable) list() []SessionInfo {
 	return out
 }
 
-// maxStreamsPerUser bounds the streams one user connection may have open at once through the
-// gateway, so one client cannot make the gateway hold unbounded goroutines and agent streams.
-// `wicket connect` opens one stream per local connection; 1024 is far above normal use.
-const maxStreamsPerUser = 1024
-
 // serveUser runs one user connection: every stream it opens names a resource and becomes one
 // relayed session.
 func (g *Gateway) serveUser(conn *tls.Conn, ident ca.Identity, remote string) {
@@ -107,9 +102,9 @@ func (g *Gateway) serveUser(conn *tls.Conn, ident ca.Identity, remote string) {
 			}
 			break
 		}
-		if n := open.Add(1); n > maxStreamsPerUser {
+		if n := open.Add(1); n > int64(g.cfg.MaxStreamsPerUser) {
 			open.Add(-1)
-			_ = st.Reply(tunnel.StatusUnavailable, fmt.Sprintf("more than %d streams open on this connection; close some and retry", maxStreamsPerUser))
+			_ = st.Reply(tunnel.StatusUnavailable, fmt.Sprintf("more than %d streams open on this connection; close some and retry", g.cfg.MaxStreamsPerUser))
 			_ = st.Close()
 			g.counters.streamInc("too many streams")
 			continue
