@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -30,6 +31,9 @@ const (
 	// TypePublicCertFailed is a failed attempt to obtain or renew a public certificate.
 	TypePublicCertFailed = "public_cert.failed"
 )
+
+// loadTimeout bounds loading one stored certificate at start (it may fetch an OCSP staple).
+const loadTimeout = 10 * time.Second
 
 // Stats are running totals since New, for metrics.
 type Stats struct {
@@ -66,7 +70,7 @@ type Server struct {
 	baseCancel context.CancelFunc
 
 	obtained, renewed, obtainFail, renewFail atomic.Uint64
-	requests, refused, backendErrors          atomic.Uint64
+	requests, refused, backendErrors         atomic.Uint64
 
 	serveOnce sync.Once
 	closeOnce sync.Once
@@ -236,6 +240,22 @@ func (s *Server) Serve(ctx context.Context) error {
 		return ErrClosed
 	default:
 	}
+	names := make([]string, 0, len(s.cfg.Hosts))
+	for n := range s.cfg.Hosts {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	// Load the certificates already in storage before the first handshake, so a restart serves
+	// them at once (even while the CA is unreachable); renewal of a due one then runs in the
+	// background maintenance. Only missing ones are obtained by ManageAsync below.
+	for _, n := range names {
+		loadCtx, cancel := context.WithTimeout(s.baseCtx, loadTimeout)
+		_, err := s.magic.CacheManagedCertificate(loadCtx, n)
+		cancel()
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.log.Warn("could not load the stored public certificate; a new one will be obtained", "host", n, "err", err)
+		}
+	}
 	errc := make(chan error, 2)
 	s.wg.Add(1)
 	go func() {
@@ -253,11 +273,6 @@ func (s *Server) Serve(ctx context.Context) error {
 			}
 		}()
 	}
-	names := make([]string, 0, len(s.cfg.Hosts))
-	for n := range s.cfg.Hosts {
-		names = append(names, n)
-	}
-	slices.Sort(names)
 	// The certificates are managed under baseCtx so that Close cancels obtain retries.
 	if err := s.magic.ManageAsync(s.baseCtx, names); err != nil {
 		s.Close()
