@@ -216,14 +216,15 @@ func loadPKI(dir string, password []byte) (*pki, error) {
 		return nil, err
 	}
 	// Decrypt the other keys in parallel (PBKDF2 dominates start-up).
-	files := map[string]*ecdsa.PrivateKey{intermediateKeyFile: nil}
+	names := []string{intermediateKeyFile}
 	for _, f := range provKeyFiles {
-		files[f] = nil
+		names = append(names, f)
 	}
+	files := map[string]*ecdsa.PrivateKey{}
 	var mu sync.Mutex
 	var errs []error
 	var wg sync.WaitGroup
-	for f := range files {
+	for _, f := range names {
 		wg.Go(func() {
 			k, err := readKey(filepath.Join(dir, f), password)
 			mu.Lock()
