@@ -152,6 +152,10 @@ type envOptions struct {
 	storage    string
 	pebble     *pebbleCA // reuse (with its listeners' ports) instead of starting one
 	ln, httpLn net.Listener
+	// internal, if set, uses the gateway's built-in CA (ACMECA "internal") instead of Pebble;
+	// issuedRoots is then what clients trust.
+	internal    *InternalCA
+	issuedRoots *x509.CertPool
 }
 
 type env struct {
@@ -196,8 +200,20 @@ func startEnv(t *testing.T, o envOptions, handler http.Handler) *env {
 	}
 	e.ln, e.httpLn = &countingListener{Listener: o.ln}, &countingListener{Listener: o.httpLn}
 	e.pebble = o.pebble
-	if e.pebble == nil {
+	acmeCA := ""
+	var apiRoots *x509.CertPool
+	if o.internal != nil {
+		e.pebble = &pebbleCA{IssuedRoots: o.issuedRoots}
+		acmeCA = ACMECAInternal
+	} else if e.pebble == nil {
 		e.pebble = startPebble(t, portNum(t, o.httpLn), portNum(t, o.ln), startDNS(t), o.validity)
+	}
+	if acmeCA == "" {
+		acmeCA, apiRoots = e.pebble.DirectoryURL, e.pebble.APIRoots
+	}
+	var internal InternalCA
+	if o.internal != nil {
+		internal = *o.internal
 	}
 	if handler == nil {
 		handler = demoHandler()
@@ -212,8 +228,9 @@ func startEnv(t *testing.T, o envOptions, handler http.Handler) *env {
 	srv, err := New(Config{
 		Listener:           e.ln,
 		HTTPListener:       e.httpLn,
-		ACMECA:             e.pebble.DirectoryURL,
-		ACMERoots:          e.pebble.APIRoots,
+		ACMECA:             acmeCA,
+		ACMERoots:          apiRoots,
+		Internal:           internal,
 		Email:              "ops@wicket.test",
 		Challenges:         o.challenges,
 		StorageDir:         e.storage,
