@@ -225,7 +225,7 @@ func (a *agent) run(ctx context.Context) error {
 	tunnel.Retry(rctx, a.cfg.Reconnect, a.cfg.After,
 		func(ctx context.Context) error { return a.connect(ctx, stop) },
 		func(err error, wait time.Duration) {
-			a.log.Warn(fmt.Sprintf("gateway session ended; reconnecting in %s", wait.Round(time.Millisecond)),
+			a.log.Warn(fmt.Sprintf("no session to the gateway; reconnecting in %s", wait.Round(time.Millisecond)),
 				"reason", err, "gateway", a.addr)
 		})
 	stop(nil)

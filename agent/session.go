@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/wicketgw/wicket/agent/internal/closed"
 	"github.com/wicketgw/wicket/agent/internal/track"
 	"github.com/wicketgw/wicket/tunnel"
 )
@@ -206,11 +207,14 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 	toTarget, fromTarget, err := tunnel.Relay(ctx, st, conn)
 	attrs := []any{"bytes_to_resource", toTarget, "bytes_from_resource", fromTarget,
 		"duration", time.Since(start).Round(time.Millisecond)}
-	if err != nil && !errors.Is(err, context.Canceled) {
-		log.Info("stream ended with an error", append(attrs, "err", err)...)
-		return
+	switch {
+	case err == nil:
+		log.Info("stream ended", attrs...)
+	case closed.ByPeer(err):
+		log.Info("stream ended", append(attrs, "closed_by_peer", err.Error())...)
+	default:
+		log.Warn("stream ended with an error", append(attrs, "err", err)...)
 	}
-	log.Info("stream ended", attrs...)
 }
 
 // dialReason says why a dial failed without repeating the address, which

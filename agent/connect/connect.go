@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"github.com/wicketgw/wicket/agent/identity"
+	"github.com/wicketgw/wicket/agent/internal/closed"
 	"github.com/wicketgw/wicket/agent/internal/track"
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/tunnel"
@@ -283,7 +284,7 @@ func (c *client) run(ctx context.Context, ln net.Listener) error {
 		tunnel.Retry(rctx, c.cfg.Reconnect, c.cfg.After,
 			func(ctx context.Context) error { return c.connect(ctx, stop) },
 			func(err error, wait time.Duration) {
-				c.log.Warn(fmt.Sprintf("gateway session ended; reconnecting in %s", wait.Round(time.Millisecond)),
+				c.log.Warn(fmt.Sprintf("no session to the gateway; reconnecting in %s", wait.Round(time.Millisecond)),
 					"reason", err, "gateway", c.addr)
 			})
 	}()
@@ -353,11 +354,14 @@ func (c *client) relay(ctx context.Context, conn net.Conn) {
 	log.Debug("stream opened")
 	up, down, err := tunnel.Relay(ctx, conn, st)
 	attrs := []any{"bytes_up", up, "bytes_down", down, "duration", time.Since(start).Round(time.Millisecond)}
-	if err != nil && !errors.Is(err, context.Canceled) {
-		log.Info("connection ended with an error", append(attrs, "err", err)...)
-		return
+	switch {
+	case err == nil:
+		log.Info("connection ended", attrs...)
+	case closed.ByPeer(err):
+		log.Info("connection ended", append(attrs, "closed_by_peer", err.Error())...)
+	default:
+		log.Warn("connection ended with an error", append(attrs, "err", err)...)
 	}
-	log.Info("connection ended", attrs...)
 }
 
 // open opens a stream to the resource over the newest session. A stream
