@@ -160,13 +160,20 @@ func runAudit(ctx context.Context, args []string) error {
 	}
 	res, err := audit.VerifyFile(pos[1])
 	if err != nil {
-		return fmt.Errorf("audit log %s does not verify: %w", pos[1], err)
+		var ve *audit.VerifyError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("audit log %s was edited or damaged: line %d: %s", pos[1], ve.Line, ve.Detail)
+		}
+		return fmt.Errorf("cannot verify audit log %s: %w", pos[1], err)
 	}
-	msg := fmt.Sprintf("ok: %d records", res.Records)
+	// The head is what to anchor elsewhere: the chain alone cannot show a cut-off tail.
+	fmt.Printf("ok: %d records (last seq %d, head %s)\n", res.Records, res.LastSeq, res.Head)
+	if len(res.Sealed) > 0 {
+		fmt.Printf("note: line(s) %v were torn by a crash and sealed by the gateway on restart (not tampering)\n", res.Sealed)
+	}
 	if res.TornTail {
-		msg += " (the last line was torn by a crash and is sealed, not tampered with)"
+		fmt.Printf("note: the last %d bytes are a line torn by a crash, not yet sealed (not tampering)\n", res.TornBytes)
 	}
-	fmt.Println(msg)
 	return nil
 }
 
