@@ -39,8 +39,11 @@ func TestMain(m *testing.M) {
 //   - certmagic's FileStorage refreshes a lock file every 5 s in a goroutine that ends at its
 //     next wake-up once the lock file is gone; checkLeaks asserts that every lock file is
 //     gone, so the goroutine is finishing, not leaked;
-//   - Pebble's VA starts processTasks in va.New and has no Close (a test-only dependency).
+//   - Pebble's VA starts processTasks in va.New and has no Close (a test-only dependency);
+//   - glog, pulled into this test binary by the ca package (internal CA test), starts a flush
+//     daemon in its package init: process-wide, not per test.
 var leakOptions = []goleak.Option{
+	goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon"),
 	goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.(*RingBufferRateLimiter).loop"),
 	goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.keepLockfileFresh"),
 	goleak.IgnoreTopFunction("github.com/letsencrypt/pebble/v2/va.VAImpl.processTasks"),

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/wicketgw/wicket/ca"
-	"go.uber.org/goleak"
 )
 
 // The same flow with ACMECA "internal": the gateway's built-in CA (step-ca's ACME provisioner,
@@ -22,10 +21,7 @@ import (
 // guarded by the real ca.Authority.VerifyPeer with RoleUser, so a user certificate from
 // `wicket login` is accepted and an agent certificate is refused.
 func TestInternalCA(t *testing.T) {
-	// glog (pulled in by step-ca) starts a flush daemon in its package init: process-wide.
-	t.Cleanup(func() {
-		goleak.VerifyNone(t, append(leakOptions, goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon"))...)
-	})
+	checkLeaks(t)
 	for _, ch := range []string{ChallengeTLSALPN01, ChallengeHTTP01} {
 		t.Run(ch, func(t *testing.T) { testInternalCA(t, ch) })
 	}
