@@ -62,6 +62,12 @@ type Config struct {
 	// stream ends or its certificate expires, whichever comes first (the
 	// gateway closes a session at its certificate's expiry anyway).
 	DrainTimeout time.Duration
+	// GracePeriod is how long streams in flight may finish when ctx ends:
+	// the agent first tells the gateway to open no new streams on its
+	// session (go-away, so another agent of the same name takes them), then
+	// closes it when its streams have ended or the period has passed. Zero
+	// (default): close at once.
+	GracePeriod time.Duration
 	// Reconnect is the backoff between connection attempts. Nil: 500 ms
 	// doubling up to 30 s with full jitter, reset after a minute of uptime.
 	Reconnect *tunnel.Backoff
@@ -260,6 +266,13 @@ func (a *agent) connect(ctx context.Context, fail context.CancelCauseFunc) error
 	for {
 		select {
 		case <-ctx.Done():
+			if a.cfg.GracePeriod > 0 && cur.streams.Active() > 0 {
+				a.log.Info("stopping: letting streams in flight finish", "streams", cur.streams.Active(), "grace_period", a.cfg.GracePeriod)
+				if err := cur.sess.GoAway(); err != nil {
+					a.log.Debug("go-away failed", "err", err)
+				}
+				a.waitGrace(cur)
+			}
 			cur.close()
 			return ctx.Err()
 		case <-cur.sess.Done():
@@ -326,6 +339,7 @@ func (a *agent) drain(ctx context.Context, s *session) {
 		reason = "the gateway closed it"
 	case <-ctx.Done():
 		reason = "the agent is stopping"
+		a.waitGrace(s)
 	case <-a.cfg.After(bound):
 		reason = fmt.Sprintf("the drain bound (%s) passed", bound.Round(time.Second))
 	}
@@ -334,10 +348,23 @@ func (a *agent) drain(ctx context.Context, s *session) {
 	a.log.Info("closed the replaced session", "session", s.gatewaySession, "reason", reason, "streams_cut", left)
 }
 
+// waitGrace waits, at shutdown, until s has no stream in flight, s ended,
+// or GracePeriod has passed.
+func (a *agent) waitGrace(s *session) {
+	if a.cfg.GracePeriod <= 0 {
+		return
+	}
+	select {
+	case <-s.streams.Idle():
+	case <-s.sess.Done():
+	case <-a.cfg.After(a.cfg.GracePeriod):
+	}
+}
+
 // diagnose is called when a session could not be established. A gateway
 // refuses a revoked or expired certificate with a bare TLS alert, which
 // tunnel reports as a closed session; renewing tells why: the CA answers
-// "revoked" in words. At most once a minute, so a gateway that is merely
+// "revoked" in words. At most once every 10 s, so a gateway that is merely
 // restarting is not asked to renew on every attempt.
 func (a *agent) diagnose(ctx context.Context, dialErr error, fail context.CancelCauseFunc) {
 	var se *sessionError
@@ -345,7 +372,7 @@ func (a *agent) diagnose(ctx context.Context, dialErr error, fail context.Cancel
 		return // the gateway is unreachable: nothing to learn from the CA (it is the gateway)
 	}
 	now := a.cfg.Now()
-	if !a.lastDiagnose.IsZero() && now.Sub(a.lastDiagnose) < time.Minute {
+	if !a.lastDiagnose.IsZero() && now.Sub(a.lastDiagnose) < 10*time.Second {
 		return
 	}
 	a.lastDiagnose = now

@@ -290,3 +290,41 @@ func TestConfigErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestGracefulShutdown: on shutdown the agent refuses new streams (go-away)
+// but lets the one in flight finish within GracePeriod, then stops.
+func TestGracefulShutdown(t *testing.T) {
+	p := testpki.New("example.test")
+	gw := startGateway(t, p)
+	now := time.Now()
+	dir, _ := storeAgent(t, p, gw.url(), "db1", now.Add(-time.Minute), now.Add(time.Hour))
+	r := startAgent(t, Config{DataDir: dir, Expose: map[string]string{"echo": echoServer(t)}, GracePeriod: time.Minute})
+	gs := gw.next(t)
+	inflight, err := gs.open("echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, inflight, "before shutdown")
+	r.cancel()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st, err := gs.open("echo")
+		if err != nil {
+			break
+		}
+		st.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("a stopping agent still accepts new streams")
+		}
+	}
+	select {
+	case <-r.done:
+		t.Fatal("the agent stopped with a stream in flight")
+	default:
+	}
+	roundTrip(t, inflight, "during shutdown")
+	inflight.Close()
+	if err := r.wait(t, 10*time.Second); err != nil {
+		t.Fatalf("Run = %v, want nil after a shutdown", err)
+	}
+}

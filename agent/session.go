@@ -99,7 +99,9 @@ func (a *agent) dialSession(ctx context.Context) (*session, error) {
 		ts.Close()
 		return nil, &sessionError{stage: stageHello, err: fmt.Errorf("hello with the gateway at %s: %w", a.addr, err)}
 	}
-	sctx, scancel := context.WithCancel(ctx)
+	// The session's streams outlive ctx by up to GracePeriod at shutdown, so
+	// their context is cut from ctx and ended by session.close.
+	sctx, scancel := context.WithCancel(context.WithoutCancel(ctx))
 	s := &session{sess: ts, ctl: ctl, leaf: leaf, gatewaySession: ack.Instance, cancel: scancel}
 	log := a.log.With("session", s.gatewaySession)
 	s.wg.Add(2)

@@ -27,6 +27,7 @@ func runAgent(ctx context.Context, args []string) error {
 	fs.Var(&expose, "expose", "NAME=HOST:PORT: a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE)")
 	dialTimeout := fs.Duration("dial-timeout", 10*time.Second, "how long to wait when connecting to a resource")
 	drainTimeout := fs.Duration("drain-timeout", 0, "after a renewal, how long the previous session may keep its streams (0: until they end or its certificate expires)")
+	grace := fs.Duration("grace-period", 10*time.Second, "on SIGTERM, how long streams in flight may finish (new ones go to other agents of the same name)")
 	logFormat, logLevel := logFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -50,13 +51,14 @@ func runAgent(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	// ctx ends on SIGINT/SIGTERM (main.go): the agent closes its sessions and returns nil.
+	// ctx ends on SIGINT/SIGTERM (main.go): the agent drains up to --grace-period and returns nil.
 	return agent.Run(ctx, agent.Config{
 		DataDir:      *dataDir,
 		Token:        tok,
 		Expose:       resources,
 		DialTimeout:  *dialTimeout,
 		DrainTimeout: *drainTimeout,
+		GracePeriod:  *grace,
 		Version:      versionString(),
 		Logger:       logger,
 	})
