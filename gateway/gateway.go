@@ -194,7 +194,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 
 	g.httpLn = newMemListener(g.ln.Addr())
 	g.httpSrv = &http.Server{
-		Handler:           g.authority.Handler(),
+		Handler:           g.caAudit(g.authority.Handler()),
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(g.log.With("component", "ca-http").Handler(), slog.LevelDebug),

@@ -621,11 +621,21 @@ func TestAdminAPI(t *testing.T) {
 		t.Fatal("the token was written to the audit log")
 	}
 	_ = rec
-	// The token works once.
+	// The token works once, and both the enrollment and the replay are audited.
 	creds, err := ca.Enroll(ctx, tok)
 	if err != nil {
 		t.Fatal(err)
 	}
+	tg.waitAudit("agent.enrolled", func(r audit.Record) bool {
+		return r.Type == audit.TypeAgentEnrolled && r.Agent == "db1" && r.Outcome == audit.OutcomeOK &&
+			r.Serial == creds.Chain[0].SerialNumber.String()
+	})
+	if _, err := ca.Enroll(ctx, tok); !errors.Is(err, ca.ErrTokenUsed) {
+		t.Fatalf("replayed token: %v, want ErrTokenUsed", err)
+	}
+	tg.waitAudit("agent.enrolled refused", func(r audit.Record) bool {
+		return r.Type == audit.TypeAgentEnrolled && r.Agent == "db1" && r.Outcome == audit.OutcomeDenied && r.Reason != ""
+	})
 	if _, err := tg.connectAgent(creds, "i", map[string]string{"echo": "127.0.0.1:1"}); err != nil {
 		t.Fatal(err)
 	}
@@ -794,6 +804,13 @@ func TestRenewThroughGatewayPort(t *testing.T) {
 	if _, err := ca.Renew(ctx, base, renewed); !errors.Is(err, ca.ErrRevoked) {
 		t.Fatalf("renew a revoked certificate: %v, want ErrRevoked", err)
 	}
+	tg.waitAudit("cert.renewed", func(r audit.Record) bool {
+		return r.Type == audit.TypeCertRenewed && r.Outcome == audit.OutcomeOK && r.Agent == "db1" &&
+			r.Serial == renewed.Chain[0].SerialNumber.String() && r.Extra["previous_serial"] == creds.Chain[0].SerialNumber.String()
+	})
+	tg.waitAudit("cert.renewed refused", func(r audit.Record) bool {
+		return r.Type == audit.TypeCertRenewed && r.Outcome == audit.OutcomeDenied && r.Agent == "db1"
+	})
 
 	other := startGateway(t, nil)
 	foreign := other.enroll(ca.RoleAgent, "db1")
