@@ -7,6 +7,8 @@ import (
 	"encoding/pem"
 	"io"
 	"net/http"
+	"strconv"
+	"time"
 
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway/audit"
@@ -118,6 +120,19 @@ func (g *Gateway) auditCA(kind string, claimed ca.Identity, oldSerial string, cw
 		rec.Type = audit.TypeAgentEnrolled
 	}
 	setIdentity(&rec, id)
+	if rec.Outcome != audit.OutcomeOK {
+		// Anyone can send a bad request: beyond a burst, refusals are rate-limited.
+		ok, suppressed := g.caRefusedLimit.allow(time.Now())
+		if !ok {
+			return
+		}
+		if suppressed > 0 {
+			if rec.Extra == nil {
+				rec.Extra = map[string]string{}
+			}
+			rec.Extra["suppressed_before"] = strconv.FormatInt(suppressed, 10)
+		}
+	}
 	g.record(rec)
 	if rec.Outcome == audit.OutcomeOK {
 		g.log.Info("certificate issued", "kind", kind, "identity", id.String(), "serial", rec.Serial, "remote", rec.Remote)

@@ -87,7 +87,9 @@ type Gateway struct {
 	handshakeSlots chan struct{}
 	// refusedLimit rate-limits the log lines and audit records of refused handshakes.
 	refusedLimit *rateLimit
-	active       activeCount // user streams being relayed
+	// caRefusedLimit does the same for refused CA requests (sign, renew).
+	caRefusedLimit *rateLimit
+	active         activeCount // user streams being relayed
 
 	revokeMu      sync.Mutex
 	knownSerials  map[string]knownSerial // serial -> holder, to name who a revoked serial belonged to
@@ -117,6 +119,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		knownSerials:   map[string]knownSerial{},
 		handshakeSlots: make(chan struct{}, maxHandshakes),
 		refusedLimit:   newRateLimit(refusedAuditRate, refusedAuditBurst),
+		caRefusedLimit: newRateLimit(refusedAuditRate, refusedAuditBurst),
 		revokeAudited:  map[string]time.Time{},
 	}
 	g.bgCtx, g.bgCancel = context.WithCancel(context.WithoutCancel(ctx))
