@@ -48,6 +48,10 @@ func runGateway(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	if *grace == 0 {
+		// "--grace-period 0" means no grace; in gateway.Config zero means the default.
+		*grace = time.Nanosecond
+	}
 	g, err := gateway.New(ctx, gateway.Config{
 		DataDir:        *dataDir,
 		Listen:         *listen,
