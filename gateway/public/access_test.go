@@ -54,6 +54,28 @@ func TestUsersHostRequiresUserCertificate(t *testing.T) {
 		t.Fatalf("the target saw %s %q, want alice", UserHeader, got)
 	}
 
+	// A streamed response authorized by a certificate ends when that certificate expires.
+	expires := time.Now().Add(2 * time.Second).Truncate(time.Second) // certificates have 1 s resolution
+	resp, err := e.client(uca.issueUntil(t, "alice", expires), false).Get(e.url(private, "/hang"))
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("hang: %v %v", resp, err)
+	}
+	rest, _ := io.ReadAll(resp.Body) // returns when the proxy ends the stream
+	resp.Body.Close()
+	if ended := time.Now(); ended.Before(expires) || ended.After(expires.Add(5*time.Second)) || string(rest) != "started\n" {
+		t.Fatalf("stream read %q and ended %v after the certificate expired", rest, ended.Sub(expires))
+	}
+
+	var cut bool
+	for _, r := range e.audits.ofType(TypeHTTPRequest) {
+		if r.Extra["path"] == "/hang" {
+			cut = r.Outcome == "error" && strings.Contains(r.Reason, "user certificate expired")
+		}
+	}
+	if !cut {
+		t.Fatalf("the stream cut at certificate expiry is not audited as such: %+v", e.audits.ofType(TypeHTTPRequest))
+	}
+
 	// The public host does not ask for a certificate at all.
 	var asked bool
 	cfg := &tls.Config{RootCAs: e.pebble.IssuedRoots, ServerName: open,
@@ -76,7 +98,7 @@ func TestUsersHostRequiresUserCertificate(t *testing.T) {
 	}
 	req, _ := http.NewRequest(http.MethodGet, e.url(open, "/"), nil)
 	req.Host = private
-	resp, err := e.client(nil, false).Do(req)
+	resp, err = e.client(nil, false).Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,12 +117,12 @@ func TestUsersHostRequiresUserCertificate(t *testing.T) {
 		switch {
 		case r.Outcome == "denied" && r.Extra["host"] == private:
 			denied++
-		case r.Outcome == "ok" && r.User == "alice":
+		case r.User == "alice" && r.Extra["status"] == "200":
 			okUser++
 		}
 	}
-	if denied != 4 || okUser != 1 {
-		t.Fatalf("audit: %d denied for %s (want 4: no cert, foreign, bob, misdirected) and %d ok for alice (want 1)", denied, private, okUser)
+	if denied != 4 || okUser != 2 {
+		t.Fatalf("audit: %d denied for %s (want 4: no cert, foreign, bob, misdirected) and %d ok for alice (want 2)", denied, private, okUser)
 	}
 	metas := e.dialer.metas
 	if len(metas) == 0 || metas[0].User != "alice" || metas[0].Host != private {

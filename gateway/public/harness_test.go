@@ -182,6 +182,11 @@ func demoHandler() http.Handler {
 		w.Header().Set("X-Seen-Host", r.Host)
 		fmt.Fprintf(w, "hello from the demo target: %s %s", r.Method, r.URL.Path)
 	})
+	mux.HandleFunc("/hang", func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, "started\n")
+		http.NewResponseController(w).Flush()
+		<-r.Context().Done()
+	})
 	return mux
 }
 
@@ -357,9 +362,13 @@ func newTestUserCA(t *testing.T) *testUserCA {
 }
 
 func (u *testUserCA) issue(t *testing.T, name string) *tls.Certificate {
+	return u.issueUntil(t, name, time.Now().Add(time.Hour))
+}
+
+func (u *testUserCA) issueUntil(t *testing.T, name string, notAfter time.Time) *tls.Certificate {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: notAfter,
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, u.cert, &key.PublicKey, u.key)
 	if err != nil {

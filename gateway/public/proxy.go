@@ -160,7 +160,17 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 		ar.SetTLS(*r.TLS)
 	}
 	var reason string
+	var certNotAfter time.Time // of the user certificate that authorized the request
 	defer func() {
+		// ReverseProxy aborts (panic(http.ErrAbortHandler)) when the response breaks after
+		// its header was sent; audit that as an error, then let net/http see the panic.
+		aborted := recover()
+		if aborted != nil && backendErr == nil {
+			backendErr = errors.New("the response was cut off")
+			if !certNotAfter.IsZero() && !time.Now().Before(certNotAfter) {
+				backendErr = errors.New("the response was cut off: the user certificate expired")
+			}
+		}
 		ar.User = dm.meta.User
 		ar.Resource = dm.resource
 		ar.BytesUp, ar.BytesDown = body.n.Load()+rec.up.Load(), rec.n.Load()
@@ -179,6 +189,9 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 			ar.Outcome = audit.OutcomeOK
 		}
 		s.cfg.Audit(ar)
+		if aborted != nil {
+			panic(aborted)
+		}
 	}()
 	refuse := func(status int, why, msg string) {
 		s.refused.Add(1)
@@ -217,7 +230,16 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	s.proxy.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), metaKey{}, dm)))
+	ctx := context.WithValue(r.Context(), metaKey{}, dm)
+	if h.Access == AccessUsers {
+		// No identity outlives its certificate: a streamed response or an upgraded connection
+		// ends when the user certificate it was authorized with expires.
+		var cancel context.CancelFunc
+		certNotAfter = r.TLS.PeerCertificates[0].NotAfter
+		ctx, cancel = context.WithDeadline(ctx, certNotAfter)
+		defer cancel()
+	}
+	s.proxy.ServeHTTP(rec, r.WithContext(ctx))
 }
 
 // redirect answers the plain HTTP listener (after the http-01 challenge handler): published
