@@ -310,6 +310,11 @@ func (s *Session) Ping() (time.Duration, error) {
 // by ctx and Config.StreamOpenTimeout. A reply other than StatusOK comes back
 // as a *ReplyError (errors.Is(err, ErrDialFailed) etc.) and the stream is
 // closed. On success the stream is ready for payload.
+//
+// One case is not bounded by ctx: when AcceptBacklog of this side's opens
+// are still unacknowledged by the peer, yamux makes the next open wait for a
+// slot; a peer that acknowledges nothing within StreamOpenTimeout has its
+// session closed, which ends that wait.
 func (s *Session) OpenStream(ctx context.Context, h Header) (*Stream, error) {
 	if h.Version == 0 {
 		h.Version = ProtocolVersion
