@@ -48,7 +48,9 @@ func TestHalfCloseBothWays(t *testing.T) {
 	p := newPKI(t)
 	// The server sends its whole answer and half-closes FIRST, then keeps
 	// reading what the client still sends, and answers with its length.
+	handled := make(chan struct{})
 	srv := startServer(t, p, testConfig(), func(st *Stream) {
+		defer close(handled)
 		defer st.Close()
 		st.Reply(StatusOK, "")
 		st.Write([]byte("server-first"))
@@ -74,6 +76,9 @@ func TestHalfCloseBothWays(t *testing.T) {
 		t.Fatalf("client write after peer half-close: %v", err)
 	}
 	st.CloseWrite()
+	// A session that dies makes a pending Read fail rather than look like a
+	// clean end, so let the server finish reading before anything closes.
+	<-handled
 	st.Close()
 
 	// And the other way round: the client half-closes first (roundTrip).
