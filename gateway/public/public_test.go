@@ -1,7 +1,9 @@
 package public
 
 import (
+	"io/fs"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -58,6 +60,31 @@ func TestObtainTLSALPNAndServe(t *testing.T) {
 	}
 	if s := e.srv.Stats(); s.CertsObtained != 1 || s.ObtainFailures != 0 {
 		t.Fatalf("stats %+v", s)
+	}
+
+	// Private keys (certificate and ACME account) are 0600, directories 0700.
+	var keys int
+	err = filepath.WalkDir(e.storage, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		switch {
+		case d.IsDir() && fi.Mode().Perm() != 0o700:
+			t.Errorf("directory %s has mode %v, want 0700", p, fi.Mode().Perm())
+		case strings.HasSuffix(p, ".key"):
+			keys++
+			if fi.Mode().Perm() != 0o600 {
+				t.Errorf("key %s has mode %v, want 0600", p, fi.Mode().Perm())
+			}
+		}
+		return nil
+	})
+	if err != nil || keys < 2 {
+		t.Fatalf("walk storage: %v; %d private keys found, want the account's and the certificate's", err, keys)
 	}
 }
 
