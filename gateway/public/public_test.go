@@ -1,6 +1,7 @@
 package public
 
 import (
+	"crypto/tls"
 	"io/fs"
 	"net/http"
 	"path/filepath"
@@ -60,6 +61,31 @@ func TestObtainTLSALPNAndServe(t *testing.T) {
 	}
 	if s := e.srv.Stats(); s.CertsObtained != 1 || s.ObtainFailures != 0 {
 		t.Fatalf("stats %+v", s)
+	}
+
+	// TLS 1.3 by default; TLS 1.2 only with ECDHE and AEAD; nothing older.
+	tlsDial := func(c *tls.Config) (*tls.Conn, error) {
+		c.RootCAs, c.ServerName = e.pebble.IssuedRoots, host
+		return tls.Dial("tcp", e.ln.Addr().String(), c)
+	}
+	if c, err := tlsDial(&tls.Config{}); err != nil || c.ConnectionState().Version != tls.VersionTLS13 {
+		t.Fatalf("default handshake: %v", err)
+	} else {
+		c.Close()
+	}
+	if c, err := tlsDial(&tls.Config{MaxVersion: tls.VersionTLS12}); err != nil || c.ConnectionState().Version != tls.VersionTLS12 {
+		t.Fatalf("TLS 1.2 handshake: %v", err)
+	} else {
+		c.Close()
+	}
+	for name, c := range map[string]*tls.Config{
+		"TLS 1.1":     {MinVersion: tls.VersionTLS10, MaxVersion: tls.VersionTLS11},
+		"TLS 1.2 CBC": {MaxVersion: tls.VersionTLS12, CipherSuites: []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA}},
+	} {
+		if conn, err := tlsDial(c); err == nil {
+			conn.Close()
+			t.Errorf("%s handshake accepted", name)
+		}
 	}
 
 	// Private keys (certificate and ACME account) are 0600, directories 0700.
