@@ -55,7 +55,7 @@ type Authority struct {
 	peerCacheN atomic.Int64
 
 	stop     chan struct{}
-	done     chan struct{}
+	loops    sync.WaitGroup
 	closeOne sync.Once
 	closeErr error
 }
@@ -102,7 +102,7 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &Authority{cfg: cfg, pki: p, db: adb, stop: make(chan struct{}), done: make(chan struct{})}
+	a := &Authority{cfg: cfg, pki: p, db: adb, stop: make(chan struct{})}
 	ok := false
 	defer func() {
 		if !ok {
@@ -162,7 +162,10 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 	if err := a.rotateGatewayCert(ctx); err != nil {
 		return nil, fmt.Errorf("issue the gateway certificate: %w", err)
 	}
-	go a.renewLoop()
+	a.loops.Go(a.renewLoop)
+	if cfg.RevocationSync > 0 {
+		a.loops.Go(a.revocationSyncLoop)
+	}
 	ok = true
 	return a, nil
 }
@@ -171,7 +174,7 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 func (a *Authority) Close() error {
 	a.closeOne.Do(func() {
 		close(a.stop)
-		<-a.done
+		a.loops.Wait()
 		if a.acmeClient != nil {
 			a.acmeClient.close()
 		}
@@ -614,7 +617,6 @@ func renewAt(leaf *x509.Certificate) time.Time {
 }
 
 func (a *Authority) renewLoop() {
-	defer close(a.done)
 	retry := time.Duration(0)
 	rotated := false
 	for {
@@ -690,4 +692,30 @@ func (a *Authority) buildHandler() http.Handler {
 		base = acme.NewContext(base, a.acmeDB, a.acmeClient, linker, nil)
 	}
 	return &guard{a: a, next: r, base: base}
+}
+
+// revocationSyncLoop reloads the revoked serials from the database, so that
+// revocations made by another gateway sharing it reach IsRevoked, VerifyPeer and
+// OnRevoke here within Config.RevocationSync.
+func (a *Authority) revocationSyncLoop() {
+	t := time.NewTicker(a.cfg.RevocationSync)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.stop:
+			return
+		case <-t.C:
+		}
+		added, err := a.db.syncRevoked()
+		if err != nil {
+			a.cfg.Logger.Warn("reload revocations from the database failed; will retry", "err", err)
+			continue
+		}
+		if len(added) > 0 {
+			a.cfg.Logger.Info("revocations made elsewhere", "serials", added)
+			if a.cfg.OnRevoke != nil {
+				a.cfg.OnRevoke(added)
+			}
+		}
+	}
 }

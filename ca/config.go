@@ -32,6 +32,7 @@ const (
 	postgresDSNPrefix       = "postgresql://"
 	postgresDSNPrefixShort  = "postgres://"
 	defaultRevocationReason = "revoked by the gateway administrator"
+	defaultRevocationSync   = 2 * time.Second
 )
 
 // Config configures the built-in certificate authority.
@@ -77,6 +78,11 @@ type Config struct {
 	// VerifyPeer's validity check. nil = time.Now. (step-ca's own checks use the system
 	// clock.)
 	Now func() time.Time
+	// RevocationSync is how often revocations are reloaded from the database, so that
+	// revocations made by another gateway sharing it are seen here (IsRevoked,
+	// VerifyPeer, OnRevoke). Default 2s with PostgreSQL; with bbolt, which only one
+	// process can open, 0 (off). Negative disables it.
+	RevocationSync time.Duration
 	// After is the timer used to schedule the gateway certificate's renewal; nil =
 	// time.After. Tests inject it to trigger a renewal without waiting.
 	After func(d time.Duration) <-chan time.Time
@@ -167,6 +173,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.RevocationSync == 0 && c.DB != "" {
+		c.RevocationSync = defaultRevocationSync
 	}
 	if c.After == nil {
 		c.After = time.After

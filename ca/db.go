@@ -100,6 +100,27 @@ func openDB(dataDir, dsn string) (*authDB, error) {
 	}}, nil
 }
 
+// syncRevoked adds serials revoked in the database but unknown here, and returns them.
+func (d *authDB) syncRevoked() ([]string, error) {
+	list, err := d.GetRevokedCertificates()
+	if err != nil {
+		if database.IsErrNotFound(err) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	var added []string
+	d.mu.Lock()
+	for _, r := range *list {
+		if _, ok := d.revoked[r.Serial]; !ok {
+			d.revoked[r.Serial] = struct{}{}
+			added = append(added, r.Serial)
+		}
+	}
+	d.mu.Unlock()
+	return added, nil
+}
+
 func (d *authDB) init() error {
 	if err := d.CreateTable(issuedTable); err != nil {
 		return fmt.Errorf("create table %s: %w", issuedTable, err)

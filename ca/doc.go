@@ -45,9 +45,10 @@
 // Tokens survive a restart (step-ca's "issued before the CA started" check is off):
 // single use is enforced by the database, which persists.
 //
-// Revocation status is cached in memory (loaded at start, updated by every
-// revocation made through this process, including HTTP /revoke). Several gateways
-// sharing PostgreSQL do not yet see each other's revocations until restart.
+// Revocation status is kept in memory (loaded at start, updated by every revocation
+// made through this process, including HTTP /revoke), so IsRevoked and VerifyPeer
+// never touch the database. Gateways sharing PostgreSQL reload it every
+// Config.RevocationSync (2s) and fire OnRevoke for revocations made elsewhere.
 //
 // What it must NOT do: know about sessions, policy, users' resources or the gateway's
 // listener; log a token, key or password; write key material anywhere but DataDir
