@@ -56,7 +56,7 @@ func (g *guard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r = r.WithContext(ctx)
 
 	switch r.URL.Path {
-	case "/renew", "/1.0/renew", "/rekey", "/1.0/rekey":
+	case "/renew", "/1.0/renew", "/rekey", "/1.0/rekey", "/re-sign", "/1.0/re-sign":
 		if r.Method == http.MethodPost && !g.checkRenewal(w, r) {
 			return
 		}
