@@ -51,7 +51,7 @@ var leakOptions = []goleak.Option{
 
 // checkLeaks must be the first call of a test: cleanups run last-registered first, so the
 // check runs after every server of the test is stopped.
-func checkLeaks(t *testing.T) {
+func checkLeaks(t testing.TB) {
 	t.Cleanup(func() {
 		goleak.VerifyNone(t, leakOptions...)
 		locks, _ := filepath.Glob(filepath.Join(t.TempDir(), "..", "*", "*", "locks", "*"))
@@ -64,7 +64,7 @@ func checkLeaks(t *testing.T) {
 // tlog writes log lines to the test log until the test ends (background goroutines of
 // dependencies may log a little later; those lines are dropped, not a panic).
 type tlog struct {
-	t    *testing.T
+	t    testing.TB
 	mu   sync.Mutex
 	done bool
 }
@@ -78,7 +78,7 @@ func (w *tlog) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	w := &tlog{t: t}
 	t.Cleanup(func() { w.mu.Lock(); w.done = true; w.mu.Unlock() })
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -162,7 +162,7 @@ type envOptions struct {
 }
 
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	pebble  *pebbleCA
 	srv     *Server
 	ln      *countingListener
@@ -190,7 +190,7 @@ func demoHandler() http.Handler {
 	return mux
 }
 
-func listen(t *testing.T) net.Listener {
+func listen(t testing.TB) net.Listener {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -200,7 +200,7 @@ func listen(t *testing.T) net.Listener {
 
 // startEnv starts DNS, Pebble (validating on our two listeners), a demo target behind a fake
 // dialer, and a Server managing the given hosts.
-func startEnv(t *testing.T, o envOptions, handler http.Handler) *env {
+func startEnv(t testing.TB, o envOptions, handler http.Handler) *env {
 	t.Helper()
 	e := &env{t: t, audits: &auditSink{}}
 	if o.ln == nil {
@@ -346,7 +346,7 @@ type testUserCA struct {
 	pool *x509.CertPool
 }
 
-func newTestUserCA(t *testing.T) *testUserCA {
+func newTestUserCA(t testing.TB) *testUserCA {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test user CA"},
 		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
@@ -361,11 +361,11 @@ func newTestUserCA(t *testing.T) *testUserCA {
 	return &testUserCA{cert: c, key: key, pool: pool}
 }
 
-func (u *testUserCA) issue(t *testing.T, name string) *tls.Certificate {
+func (u *testUserCA) issue(t testing.TB, name string) *tls.Certificate {
 	return u.issueUntil(t, name, time.Now().Add(time.Hour))
 }
 
-func (u *testUserCA) issueUntil(t *testing.T, name string, notAfter time.Time) *tls.Certificate {
+func (u *testUserCA) issueUntil(t testing.TB, name string, notAfter time.Time) *tls.Certificate {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Minute), NotAfter: notAfter,

@@ -42,7 +42,7 @@ type pebbleCA struct {
 // startPebble runs Pebble whose VA validates http-01 on httpPort and tls-alpn-01 on tlsPort,
 // resolving every name through the DNS server at dnsAddr. validity is the certificate lifetime
 // in seconds (0: Pebble's default, 90 days).
-func startPebble(t *testing.T, httpPort, tlsPort int, dnsAddr string, validity uint64) *pebbleCA {
+func startPebble(t testing.TB, httpPort, tlsPort int, dnsAddr string, validity uint64) *pebbleCA {
 	t.Helper()
 	logger := log.New(io.Discard, "", 0)
 	if os.Getenv("PEBBLE_LOG") != "" {
@@ -70,7 +70,7 @@ func (p *pebbleCA) Stop() { p.srv.Close() }
 
 // startDNS answers every A question with 127.0.0.1 and nothing else (Pebble's VA asks over
 // TCP), so test names like web.wicket.test resolve to our loopback listeners.
-func startDNS(t *testing.T) string {
+func startDNS(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -98,7 +98,7 @@ func startDNS(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-func portNum(t *testing.T, ln net.Listener) int {
+func portNum(t testing.TB, ln net.Listener) int {
 	_, p, _ := net.SplitHostPort(ln.Addr().String())
 	n, err := strconv.Atoi(p)
 	if err != nil {
