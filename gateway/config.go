@@ -68,6 +68,8 @@ type Config struct {
 	MaxStreamsPerUser int
 	// RevocationSweep is the period of the revocation re-check of live sessions. Default 500ms.
 	RevocationSweep time.Duration
+	// Public turns on the public HTTPS listener for published HTTP resources. Default nil: off.
+	Public *PublicConfig
 	// Tunnel configures the yamux sessions with agents and users. Default tunnel.DefaultConfig().
 	Tunnel tunnel.Config
 	// Version is reported to agents in the gateway's hello. Default "dev".

@@ -30,6 +30,7 @@ import (
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway/audit"
 	"github.com/wicketgw/wicket/gateway/policy"
+	"github.com/wicketgw/wicket/gateway/public"
 )
 
 // Files inside the data directory.
@@ -67,6 +68,7 @@ type Gateway struct {
 	authority *ca.Authority
 	audit     *audit.Log
 	policy    *policy.Watcher // nil: deny everyone
+	public    *public.Server  // nil: no public listener
 
 	ln      net.Listener
 	httpLn  *memListener
@@ -151,6 +153,16 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		names = append(names, "localhost", "127.0.0.1", "::1")
 	}
 
+	var (
+		published   map[string]public.Host
+		acmeAllowed []string
+	)
+	if cfg.Public != nil {
+		if published, acmeAllowed, err = cfg.Public.publishedHosts(); err != nil {
+			return nil, err
+		}
+	}
+
 	g.audit, err = audit.OpenWithOptions(filepath.Join(cfg.DataDir, AuditLogName),
 		audit.Options{Now: cfg.Clock.Now, NoSync: auditNoSyncForTests})
 	if err != nil {
@@ -171,6 +183,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		Logger:        cfg.Logger.With("component", "ca"),
 		Now:           cfg.Clock.Now,
 		OnRevoke:      g.onRevoke,
+		ACME:          ca.ACMEConfig{AllowedNames: acmeAllowed},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start the certificate authority: %w", err)
@@ -188,6 +201,12 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		}
 	} else {
 		g.log.Warn("no policy file (--policy): every user is denied every resource (default deny)")
+	}
+
+	if cfg.Public != nil {
+		if g.public, err = g.newPublic(published); err != nil {
+			return nil, err
+		}
 	}
 
 	g.adminLn, err = listenAdmin(filepath.Join(cfg.DataDir, AdminSocketName))
@@ -293,6 +312,15 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.goFunc(func() { _ = g.httpSrv.Serve(g.httpLn) })
 	g.goFunc(func() { _ = g.admin.Serve(g.adminLn) })
 	g.goFunc(g.sweepRevoked)
+	publicCtx, stopPublic := context.WithCancel(g.bgCtx)
+	defer stopPublic()
+	if g.public != nil {
+		g.goFunc(func() {
+			if err := g.public.Serve(publicCtx); err != nil {
+				g.log.Error("public listener stopped", "err", err)
+			}
+		})
+	}
 	g.log.Info("listening", "addr", g.ln.Addr().String(), "public", g.publicAddr,
 		"admin", g.AdminSocket(), "trust_domain", g.authority.TrustDomain())
 	g.record(audit.Record{Type: audit.TypeGatewayStarted, Outcome: audit.OutcomeOK, Extra: map[string]string{
@@ -306,6 +334,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.log.Info("shutting down: no new connections, waiting for streams to finish", "grace", g.cfg.GracePeriod.String())
 	g.draining.Store(true)
 	_ = g.ln.Close()
+	stopPublic() // it drains its own requests, for up to GracePeriod too
 	<-acceptDone
 
 	graceCtx, cancel := context.WithTimeout(context.Background(), g.cfg.GracePeriod)
@@ -329,6 +358,9 @@ func (g *Gateway) Close() error {
 		g.draining.Store(true)
 		g.bgCancel()
 		_ = g.ln.Close()
+		if g.public != nil {
+			_ = g.public.Close()
+		}
 		g.peers.closeAll(reasonShutdown)
 		_ = g.httpSrv.Close()
 		_ = g.httpLn.Close()
@@ -347,6 +379,9 @@ func (g *Gateway) Close() error {
 func (g *Gateway) release() error {
 	g.bgCancel()
 	var errs []error
+	if g.public != nil {
+		_ = g.public.Close()
+	}
 	if g.policy != nil {
 		if err := g.policy.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close policy watcher: %w", err))

@@ -25,8 +25,17 @@ import (
 	"github.com/wicketgw/wicket/tunnel"
 )
 
-// glog (pulled in by step-ca) starts a flush daemon in its init; it is not ours.
-var leakOpts = []goleak.Option{goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon")}
+// Goroutines of dependencies that offer no way to stop them (see gateway/public's
+// harness_test.go for the certmagic ones):
+//   - glog (pulled in by step-ca) starts a flush daemon in its init;
+//   - certmagic keeps one rate limiter per ACME CA and account in a package-level map for ever;
+//   - certmagic's file storage refreshes a lock file every 5 s in a goroutine that ends at its
+//     next wake-up once the lock file is gone.
+var leakOpts = []goleak.Option{
+	goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon"),
+	goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.(*RingBufferRateLimiter).loop"),
+	goleak.IgnoreAnyFunction("github.com/caddyserver/certmagic.keepLockfileFresh"),
+}
 
 func TestMain(m *testing.M) {
 	auditNoSyncForTests = true

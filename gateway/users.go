@@ -8,7 +8,6 @@ import (
 	"net"
 	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -158,42 +157,26 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 		deny(tunnel.StatusRefused, "denied", "", fmt.Sprintf("policy does not allow user %s to reach resource %s", user, h.Resource))
 		return
 	}
-	cands, offline := g.registry.candidates(h.Resource)
-	if len(cands) == 0 {
-		if len(offline) > 0 {
-			deny(tunnel.StatusUnavailable, "unavailable", "", fmt.Sprintf("resource %s is exposed by agent %s, which is offline",
-				h.Resource, strings.Join(offline, ", ")))
-		} else {
-			deny(tunnel.StatusUnknownResource, "unknown resource", "", fmt.Sprintf("no connected agent exposes resource %s", h.Resource))
-		}
-		return
-	}
-
 	g.active.add(1)
 	defer g.active.add(-1)
 	started := g.clock.Now()
-	var (
-		as      *agentSession
-		up      *tunnel.Stream
-		lastErr error
-	)
-	for _, c := range cands {
-		s, err := c.sess.OpenStream(g.bgCtx, tunnel.Header{Version: tunnel.ProtocolVersion, Kind: tunnel.KindData, Resource: h.Resource, SessionID: id})
-		if err == nil {
-			as, up = c, s
-			break
-		}
-		var re *tunnel.ReplyError
-		if errors.As(err, &re) {
+	as, up, err := g.openToAgent(g.bgCtx, h.Resource, id)
+	if err != nil {
+		var (
+			noAgent *errNoAgent
+			re      *tunnel.ReplyError
+		)
+		switch {
+		case errors.As(err, &noAgent) && len(noAgent.offline) > 0:
+			deny(tunnel.StatusUnavailable, "unavailable", "", noAgent.Error())
+		case errors.As(err, &noAgent):
+			deny(tunnel.StatusUnknownResource, "unknown resource", "", noAgent.Error())
+		case errors.As(err, &re):
 			// The agent answered: pass its answer through (unknown resource, dial failed + why).
-			deny(re.Status, outcomeOf(re.Status), c.name, fmt.Sprintf("agent %s: %s", c.name, re.Reason))
-			return
+			deny(re.Status, outcomeOf(re.Status), as.name, fmt.Sprintf("agent %s: %s", as.name, re.Reason))
+		default:
+			deny(tunnel.StatusUnavailable, "unavailable", "", err.Error())
 		}
-		// Draining after a renewal (go-away) or gone: try the next candidate.
-		lastErr = fmt.Errorf("agent %s: %w", c.name, err)
-	}
-	if up == nil {
-		deny(tunnel.StatusUnavailable, "unavailable", "", fmt.Sprintf("could not open a stream for resource %s: %v", h.Resource, lastErr))
 		return
 	}
 	defer up.Close()

@@ -30,6 +30,12 @@ func runGateway(ctx context.Context, args []string) error {
 	agentLifetime := fs.Duration("agent-cert-lifetime", time.Hour, "lifetime of agent certificates (5m..24h)")
 	userLifetime := fs.Duration("user-cert-lifetime", 8*time.Hour, "lifetime of user certificates (5m..24h)")
 	grace := fs.Duration("grace-period", gateway.DefaultGracePeriod, "on SIGTERM, how long open streams may finish")
+	var publish stringList
+	fs.Var(&publish, "publish", "serve an HTTP resource on the public HTTPS listener: RESOURCE=HOST[,public|users] (repeatable; users, the default, requires a Wicket user certificate)")
+	publicListen := fs.String("public-listen", ":443", "HTTPS address of the public listener (only with --publish)")
+	publicHTTPListen := fs.String("public-http-listen", ":80", "plain HTTP address for http-01 challenges and redirects, or off (only with --publish)")
+	acmeCA := fs.String("acme-ca", "", "ACME directory URL for public certificates; empty for Let's Encrypt, internal for the built-in CA")
+	acmeEmail := fs.String("acme-email", "", "contact e-mail of the ACME account")
 	logFormat, logLevel := logFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -52,7 +58,13 @@ func runGateway(ctx context.Context, args []string) error {
 		// "--grace-period 0" means no grace; in gateway.Config zero means the default.
 		*grace = time.Nanosecond
 	}
+	var pub *gateway.PublicConfig
+	if len(publish) > 0 {
+		pub = &gateway.PublicConfig{Publish: publish, Listen: *publicListen, HTTPListen: *publicHTTPListen,
+			ACMECA: *acmeCA, Email: *acmeEmail}
+	}
 	g, err := gateway.New(ctx, gateway.Config{
+		Public:         pub,
 		DataDir:        *dataDir,
 		Listen:         *listen,
 		PublicAddr:     *publicAddr,
