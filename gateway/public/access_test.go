@@ -16,9 +16,9 @@ import (
 // X-Wicket-User, never from the client. A public host on the same listener asks for nothing.
 func TestUsersHostRequiresUserCertificate(t *testing.T) {
 	checkLeaks(t)
-	const (
-		private = "private.wicket.test"
-		open    = "open.wicket.test"
+	var (
+		private = testHost("private")
+		open    = testHost("open")
 	)
 	uca := newTestUserCA(t)
 	e := startEnv(t, envOptions{
@@ -134,7 +134,7 @@ func TestUsersHostRequiresUserCertificate(t *testing.T) {
 // the client chunk by chunk while the target is still writing.
 func TestUpgradeAndStreamingPassThrough(t *testing.T) {
 	checkLeaks(t)
-	const host = "stream.wicket.test"
+	host := testHost("stream")
 	next := make(chan struct{})
 	mux := http.NewServeMux()
 	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
@@ -240,7 +240,7 @@ func TestUpgradeAndStreamingPassThrough(t *testing.T) {
 // says why, and nothing internal leaks into the page.
 func TestBackendUnavailable(t *testing.T) {
 	checkLeaks(t)
-	const host = "gone.wicket.test"
+	host := testHost("gone")
 	e := startEnv(t, envOptions{hosts: map[string]Host{host: {Resource: "nobody", Access: AccessPublic}}}, nil)
 	e.waitCert(host)
 	status, body, _, _, err := get(e.client(nil, false), e.url(host, "/"), nil)

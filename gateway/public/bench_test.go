@@ -17,7 +17,7 @@ import (
 //
 //	go test ./gateway/public/ -run '^$' -bench 'Request$' -benchmem
 func BenchmarkProxiedRequest(b *testing.B) {
-	const host = "bench.wicket.test"
+	host := testHost("bench")
 	e := startEnv(b, envOptions{hosts: map[string]Host{host: {Resource: "web", Access: AccessPublic}}}, nil)
 	e.waitCert(host)
 	c := e.client(nil, true)

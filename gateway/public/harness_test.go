@@ -61,6 +61,15 @@ func checkLeaks(t testing.TB) {
 	})
 }
 
+var hostSeq atomic.Int64
+
+// testHost returns a host name used by no other test in this process: certmagic keeps its
+// renewal backoff and job de-duplication per name in package-level state, so a name reused
+// by a later test (or by -count=N) would inherit an earlier test's backoff.
+func testHost(prefix string) string {
+	return fmt.Sprintf("%s-%d.wicket.test", prefix, hostSeq.Add(1))
+}
+
 // tlog writes log lines to the test log until the test ends (background goroutines of
 // dependencies may log a little later; those lines are dropped, not a panic).
 type tlog struct {

@@ -28,7 +28,7 @@ func TestInternalCA(t *testing.T) {
 }
 
 func testInternalCA(t *testing.T, challenge string) {
-	host := strings.ReplaceAll(challenge, "-", "") + ".internal.wicket.test"
+	host := testHost(strings.ReplaceAll(challenge, "-", "") + ".internal")
 	ln, httpLn, caLn := listen(t), listen(t), listen(t)
 	a, err := ca.New(context.Background(), ca.Config{
 		DataDir:  t.TempDir(),

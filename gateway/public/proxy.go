@@ -142,8 +142,8 @@ func hostOf(r *http.Request) string {
 
 // serveHTTPS handles one request on the HTTPS listener.
 func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
-	s.handlers.Add(1)
-	defer s.handlers.Done()
+	s.handlers.add(1)
+	defer s.handlers.add(-1)
 	s.requests.Add(1)
 	start := time.Now()
 	host := hostOf(r)

@@ -13,7 +13,7 @@ import (
 // certificate certmagic obtained from Pebble with tls-alpn-01 on the HTTPS listener.
 func TestObtainTLSALPNAndServe(t *testing.T) {
 	checkLeaks(t)
-	const host = "alpn.wicket.test"
+	host := testHost("alpn")
 	e := startEnv(t, envOptions{
 		hosts:      map[string]Host{host: {Resource: "web", Access: AccessPublic}},
 		challenges: []string{ChallengeTLSALPN01},
@@ -118,7 +118,7 @@ func TestObtainTLSALPNAndServe(t *testing.T) {
 // otherwise redirects published hosts to HTTPS and refuses other names.
 func TestObtainHTTP01AndRedirect(t *testing.T) {
 	checkLeaks(t)
-	const host = "http01.wicket.test"
+	host := testHost("http01")
 	e := startEnv(t, envOptions{
 		hosts:      map[string]Host{host: {Resource: "web", Access: AccessPublic}},
 		challenges: []string{ChallengeHTTP01},

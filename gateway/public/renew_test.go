@@ -63,7 +63,7 @@ func (e *statusError) Error() string { return http.StatusText(e.code) }
 // new certificate is served afterwards.
 func TestForcedRenewalDropsNoRequest(t *testing.T) {
 	checkLeaks(t)
-	const host = "forced.wicket.test"
+	host := testHost("forced")
 	e := startEnv(t, envOptions{hosts: map[string]Host{host: {Resource: "web", Access: AccessPublic}}}, nil)
 	first := e.waitCert(host)
 
@@ -111,7 +111,7 @@ func TestForcedRenewalDropsNoRequest(t *testing.T) {
 // clients see the new certificate with no failed request.
 func TestBackgroundRenewalDropsNoRequest(t *testing.T) {
 	checkLeaks(t)
-	const host = "background.wicket.test"
+	host := testHost("background")
 	e := startEnv(t, envOptions{
 		hosts:    map[string]Host{host: {Resource: "web", Access: AccessPublic}},
 		validity: 3600, ratio: 0.999, interval: 200 * time.Millisecond,
@@ -151,7 +151,7 @@ func TestBackgroundRenewalDropsNoRequest(t *testing.T) {
 // certificate and keeps retrying in the background, counting every failure.
 func TestCAUnreachableKeepsServing(t *testing.T) {
 	checkLeaks(t)
-	const host = "down.wicket.test"
+	host := testHost("down")
 	hosts := map[string]Host{host: {Resource: "web", Access: AccessPublic}}
 	storage := filepath.Join(t.TempDir(), "certmagic")
 	e := startEnv(t, envOptions{hosts: hosts, storage: storage, validity: 3600}, nil)

@@ -64,7 +64,7 @@ type Server struct {
 	httpSrv  *http.Server
 	proxy    http.Handler
 	tr       *http.Transport
-	handlers sync.WaitGroup // requests being handled, upgraded ones included
+	handlers inflight // requests being handled, upgraded ones included
 
 	baseCtx    context.Context
 	baseCancel context.CancelFunc
@@ -297,7 +297,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	// Upgraded connections (WebSocket) are not tracked by Shutdown: wait for them too.
 	done := make(chan struct{})
-	go func() { sd.Wait(); s.handlers.Wait(); close(done) }()
+	go func() { sd.Wait(); <-s.handlers.zero(); close(done) }()
 	select {
 	case <-done:
 	case <-graceCtx.Done():
@@ -340,7 +340,7 @@ func (s *Server) release() {
 		_ = s.httpL.Close()
 	}
 	s.wg.Wait()
-	s.handlers.Wait()
+	<-s.handlers.zero()
 	if s.cache != nil {
 		s.cache.Stop()
 	}
@@ -437,4 +437,39 @@ func (s *Server) onEvent(_ context.Context, event string, data map[string]any) e
 			Extra:    map[string]string{"host": name, "renewal": strconv.FormatBool(renewal), "acme_ca": s.cfg.ACMECA}})
 	}
 	return nil
+}
+
+// inflight counts requests being handled. Unlike a WaitGroup it may be waited on while new
+// requests still start (keep-alive connections during a shutdown that ran out of grace).
+type inflight struct {
+	mu    sync.Mutex
+	n     int
+	zeroc chan struct{} // closed while n == 0
+}
+
+func (f *inflight) add(d int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.zeroc == nil {
+		f.zeroc = make(chan struct{})
+		close(f.zeroc)
+	}
+	if f.n == 0 && d > 0 {
+		f.zeroc = make(chan struct{})
+	}
+	f.n += d
+	if f.n == 0 {
+		close(f.zeroc)
+	}
+}
+
+// zero returns a channel closed once no request is in flight.
+func (f *inflight) zero() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.zeroc == nil {
+		f.zeroc = make(chan struct{})
+		close(f.zeroc)
+	}
+	return f.zeroc
 }

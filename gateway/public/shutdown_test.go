@@ -18,7 +18,7 @@ import (
 // second Serve is refused.
 func TestShutdownDrainsThenCloses(t *testing.T) {
 	checkLeaks(t)
-	const host = "shutdown.wicket.test"
+	host := testHost("shutdown")
 	release := make(chan struct{})
 	inSlow := make(chan struct{})
 	mux := http.NewServeMux()
