@@ -673,9 +673,14 @@ func (a *Authority) ACMEDirectoryURL() string {
 }
 
 // Handler returns step-ca's HTTP API, to be served on the h2/http1.1 ALPN of the
-// gateway's TLS port (client certificate requested, not required):
+// gateway's TLS port (TLS 1.3, client certificate requested and verified if given):
 // /1.0/sign /sign /1.0/renew /renew /1.0/rekey /1.0/revoke /revoke /roots /root/{sha}
 // /health /crl /acme/acme/... (the latter only when ACME is enabled).
+//
+// In front of step-ca it bounds request bodies (256 KiB), answers refused tokens with
+// a precise reason, and refuses renewal (/renew, /rekey, /re-sign) unless the client
+// certificate passes VerifyPeer for its own role: Wicket identities only (ACME
+// certificates are renewed through ACME), unexpired by Config.Now, not revoked.
 func (a *Authority) Handler() http.Handler { return a.handler }
 
 func (a *Authority) buildHandler() http.Handler {
