@@ -456,11 +456,6 @@ func (px *proxy) pipe(dst, src net.Conn, fromClient bool) {
 	}
 }
 
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
-
 var proxyClosed sync.Map
 
 func (px *proxy) closed() bool { _, ok := proxyClosed.Load(px); return ok }

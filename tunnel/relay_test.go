@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -204,6 +205,9 @@ func TestRelayStreamPeerClosedBounded(t *testing.T) {
 		st.Close()
 		<-release
 	})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock) // before the server's cleanup, even after a t.Fatal
 	s := dialTest(t, p, srv.addr(), testConfig())
 	st, err := s.OpenStream(context.Background(), Header{Kind: KindData, Resource: "gone"})
 	if err != nil {
@@ -225,7 +229,7 @@ func TestRelayStreamPeerClosedBounded(t *testing.T) {
 	}
 	t.Logf("relay gave up after writing %d bytes into a stream nobody reads", r.aToB)
 	c1.Close()
-	close(release)
+	unblock()
 	s.Close()
 	srv.close()
 }

@@ -349,6 +349,14 @@ func (s *Session) OpenStream(ctx context.Context, h Header) (*Stream, error) {
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("open %s stream: %w", h.Kind, ctx.Err())
 		}
+		if err := mapErr(err); isTimeout(err) {
+			// The stream deadline and ctx's own timer fire at the same
+			// instant; report whichever limit it was.
+			if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+				return nil, fmt.Errorf("open %s stream: %w", h.Kind, context.DeadlineExceeded)
+			}
+			return nil, fmt.Errorf("open %s stream: the peer did not reply within %s: %w", h.Kind, s.cfg.StreamOpenTimeout, err)
+		}
 		return nil, fmt.Errorf("open %s stream: %w", h.Kind, mapErr(err))
 	}
 	if status != StatusOK {
@@ -444,6 +452,11 @@ func mapErr(err error) error {
 		return ErrKeepaliveTimeout
 	}
 	return err
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // timeoutError is a deadline expiry: net.Error with Timeout() true and

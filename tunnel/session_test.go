@@ -361,6 +361,9 @@ func TestOpenStreamContextCancel(t *testing.T) {
 		<-release // never replies in time
 		st.Close()
 	})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock) // runs before the server's cleanup, even after a t.Fatal
 	s := dialTest(t, p, srv.addr(), testConfig())
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
@@ -372,7 +375,7 @@ func TestOpenStreamContextCancel(t *testing.T) {
 	if d := time.Since(start); d > 2*time.Second {
 		t.Fatalf("open took %s after its context ended", d)
 	}
-	close(release)
+	unblock()
 	s.Close()
 	srv.close()
 }
