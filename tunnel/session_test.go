@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -394,3 +395,51 @@ func TestConfigVerify(t *testing.T) {
 }
 
 var _ = bytes.Equal
+
+// The client certificate comes from the hook on every handshake, so a
+// renewed certificate is presented by the next connection with nothing
+// rebuilt.
+func TestRenewedCertUsedOnNextDial(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	p := newPKI(t)
+	srv := startServer(t, p, testConfig(), echo)
+	var mu sync.Mutex
+	cur := p.ca.valid("agent/renewing")
+	tc := ClientTLSConfig(ALPNAgent, p.ca.pool, "localhost", func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return cur, nil
+	})
+	dial := func() *Session {
+		s, err := Dial(context.Background(), DialConfig{Addr: srv.addr(), TLS: tc, Config: testConfig()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	serverSerial := func() string {
+		select {
+		case ss := <-srv.sessCh:
+			return ss.ConnectionState().PeerCertificates[0].SerialNumber.String()
+		case <-time.After(5 * time.Second):
+			t.Fatal("no server session")
+			return ""
+		}
+	}
+	s1 := dial()
+	first := serverSerial()
+	mu.Lock()
+	renewed := p.ca.valid("agent/renewing")
+	cur = renewed
+	mu.Unlock()
+	s2 := dial()
+	second := serverSerial()
+	if first == second || second != renewed.Leaf.SerialNumber.String() {
+		t.Fatalf("second connection presented serial %s, want the renewed %s (first was %s)", second, renewed.Leaf.SerialNumber, first)
+	}
+	roundTrip(t, s1, "old session still works")
+	roundTrip(t, s2, "new session works")
+	s1.Close()
+	s2.Close()
+	srv.close()
+}
