@@ -21,6 +21,7 @@ const (
 	KindControl Kind = 2
 )
 
+// String names the kind for logs.
 func (k Kind) String() string {
 	switch k {
 	case KindData:
@@ -242,6 +243,7 @@ const (
 	StatusUnavailable Status = 4
 )
 
+// String names the status for logs and errors.
 func (s Status) String() string {
 	switch s {
 	case StatusOK:
@@ -266,6 +268,7 @@ type ReplyError struct {
 	Reason string
 }
 
+// Error says what the peer answered, with its reason.
 func (e *ReplyError) Error() string {
 	if e.Reason == "" {
 		return "stream open: " + e.Status.String()

@@ -46,6 +46,7 @@ const (
 	Raw
 )
 
+// String names the path in reports.
 func (p Path) String() string {
 	if p == Tunnel {
 		return "tunnel"
