@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 // agent certificate from the test PKI, accepts the control stream, reads the
 // agent's hello and answers with its own, then hands the session to the test.
 type fakeGateway struct {
-	t      *testing.T
+	t      testing.TB
 	p      *testpki.PKI
 	ln     net.Listener
 	tcfg   tunnel.Config
@@ -55,7 +55,7 @@ type gwSession struct {
 	ctl   *tunnel.Control
 }
 
-func startGateway(t *testing.T, p *testpki.PKI) *fakeGateway {
+func startGateway(t testing.TB, p *testpki.PKI) *fakeGateway {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -133,7 +133,7 @@ func (gw *fakeGateway) serve(c *tls.Conn) {
 }
 
 // next waits for the next agent session.
-func (gw *fakeGateway) next(t *testing.T) *gwSession {
+func (gw *fakeGateway) next(t testing.TB) *gwSession {
 	t.Helper()
 	select {
 	case gs := <-gw.sessions:
@@ -165,7 +165,7 @@ func (gs *gwSession) open(resource string) (*tunnel.Stream, error) {
 }
 
 // echoServer echoes every connection until the test ends.
-func echoServer(t *testing.T) string {
+func echoServer(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -206,7 +206,7 @@ func echoServer(t *testing.T) string {
 }
 
 // closedPort returns an address nothing listens on.
-func closedPort(t *testing.T) string {
+func closedPort(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -218,7 +218,7 @@ func closedPort(t *testing.T) string {
 }
 
 // roundTrip writes msg and expects it back.
-func roundTrip(t *testing.T, c net.Conn, msg string) {
+func roundTrip(t testing.TB, c net.Conn, msg string) {
 	t.Helper()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	defer c.SetDeadline(time.Time{})
@@ -235,7 +235,7 @@ func roundTrip(t *testing.T, c net.Conn, msg string) {
 }
 
 // storeAgent stores an agent identity for gw in a fresh data dir.
-func storeAgent(t *testing.T, p *testpki.PKI, gwURL, name string, notBefore, notAfter time.Time) (string, *identity.Stored) {
+func storeAgent(t testing.TB, p *testpki.PKI, gwURL, name string, notBefore, notAfter time.Time) (string, *identity.Stored) {
 	t.Helper()
 	dir := t.TempDir()
 	s := &identity.Stored{
@@ -255,7 +255,7 @@ type agentRun struct {
 	cancel context.CancelFunc
 }
 
-func startAgent(t *testing.T, cfg Config) *agentRun {
+func startAgent(t testing.TB, cfg Config) *agentRun {
 	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = testLogger(t)
@@ -277,7 +277,7 @@ func (r *agentRun) stop() error {
 }
 
 // wait waits for Run to return on its own.
-func (r *agentRun) wait(t *testing.T, within time.Duration) error {
+func (r *agentRun) wait(t testing.TB, within time.Duration) error {
 	t.Helper()
 	select {
 	case <-r.done:
@@ -289,11 +289,11 @@ func (r *agentRun) wait(t *testing.T, within time.Duration) error {
 }
 
 // testLogger writes the agent's log lines into the test log.
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-type tWriter struct{ t *testing.T }
+type tWriter struct{ t testing.TB }
 
 func (w tWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(bytes.TrimRight(p, "\n")))

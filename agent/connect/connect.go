@@ -568,8 +568,10 @@ func (c *client) dial(ctx context.Context) (*session, error) {
 		_, err := ts.Ping()
 		pinged <- err
 	}()
+	waiting := true
 	select {
 	case err = <-pinged:
+		waiting = false
 	case <-time.After(c.cfg.Tunnel.HandshakeTimeout):
 		err = errors.New("no answer from the gateway")
 	case <-ctx.Done():
@@ -577,7 +579,9 @@ func (c *client) dial(ctx context.Context) (*session, error) {
 	}
 	if err != nil {
 		ts.Close()
-		<-pinged
+		if waiting {
+			<-pinged // Close makes Ping return
+		}
 		return nil, &sessionError{fmt.Errorf("session with the gateway at %s: %w", c.addr, err)}
 	}
 	mu.Lock()

@@ -12,6 +12,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -41,6 +42,7 @@ type fakeGateway struct {
 	leaves   []*x509.Certificate // client certificate of each session, in order
 	streams  map[*tunnel.Session]int
 	newSess  chan *tunnel.Session
+	refuse   atomic.Bool // refuse every handshake, as for a revoked certificate
 }
 
 func startGateway(t *testing.T, p *testpki.PKI) *fakeGateway {
@@ -53,7 +55,12 @@ func startGateway(t *testing.T, p *testpki.PKI) *fakeGateway {
 	now := time.Now()
 	sc := p.Issue(ca.RoleGateway, "gw", now.Add(-time.Hour), now.Add(24*time.Hour)).TLSCertificate()
 	tc := tunnel.ServerTLSConfig(func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return sc, nil },
-		p.Pool(), []string{tunnel.ALPNClient}, nil)
+		p.Pool(), []string{tunnel.ALPNClient}, func(tls.ConnectionState) error {
+			if gw.refuse.Load() {
+				return errors.New("certificate revoked")
+			}
+			return nil
+		})
 	gw.wg.Add(1)
 	go func() {
 		defer gw.wg.Done()
@@ -447,5 +454,32 @@ func TestConnectRenewal(t *testing.T) {
 	}
 	if err := r.stop(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestConnectRevoked: the gateway drops the session and refuses the
+// certificate; the CA says it was revoked; connect stops with the sentence.
+func TestConnectRevoked(t *testing.T) {
+	p := testpki.New("example.test")
+	gw := startGateway(t, p)
+	now := time.Now()
+	dir := storeUser(t, p, gw.url(), ca.RoleUser, now.Add(-time.Minute), now.Add(8*time.Hour))
+	r := startConnect(t, Config{DataDir: dir, Resource: "echo",
+		Reconnect: &tunnel.Backoff{Initial: time.Millisecond, Max: 10 * time.Millisecond},
+		Renew: func(ctx context.Context, url string, cur *ca.Credentials) (*ca.Credentials, error) {
+			return nil, ca.ErrRevoked
+		}})
+	r.listenAddr(t)
+	s := gw.nextSession(t)
+	gw.refuse.Store(true)
+	s.Close()
+	select {
+	case <-r.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("connect kept running with a revoked certificate")
+	}
+	want := "the user certificate was revoked: log in again with a new token from `wicket token create user alice`"
+	if r.err == nil || r.err.Error() != want {
+		t.Fatalf("Connect = %v, want %q", r.err, want)
 	}
 }
