@@ -131,7 +131,9 @@ func run() error {
 		fmt.Printf("  per-rep wall ratios %s\n", fmtRatios(ratios))
 	}
 
-	// Echo round trip.
+	// Echo round trip. Collect the throughput phase's garbage first so its
+	// GC work does not land in the latency figures of either path.
+	runtime.GC()
 	tunRTT, err := rig.EchoRTT(tunnelbench.Tunnel, *echoN)
 	if err != nil {
 		return fmt.Errorf("echo through the tunnel: %w", err)
