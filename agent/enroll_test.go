@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -182,4 +183,39 @@ func TestEnrollmentRules(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// TestTokenNeverLogged runs enrollment paths at debug level and checks that
+// neither the token nor the private key reaches the log.
+func TestTokenNeverLogged(t *testing.T) {
+	p := testpki.New("example.test")
+	var buf bytes.Buffer
+	logger := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	dir := t.TempDir()
+	tok := p.Token(ca.RoleAgent, "db1", gwURL, time.Now().Add(time.Minute))
+	// A successful enrollment, then a failing one in another directory.
+	for i, f := range []*fakeEnroll{{p: p}, {p: p, err: ca.ErrTokenUsed}} {
+		d := dir
+		if i == 1 {
+			d = t.TempDir()
+		}
+		cfg := &Config{DataDir: d, Token: tok, Expose: map[string]string{"pg": "127.0.0.1:5432"}, Enroll: f.enroll, Logger: logger}
+		if err := cfg.setDefaults(); err != nil {
+			t.Fatal(err)
+		}
+		_, err := obtainIdentity(context.Background(), cfg)
+		if (i == 0) != (err == nil) {
+			t.Fatalf("round %d: err = %v", i, err)
+		}
+	}
+	if buf.Len() == 0 {
+		t.Fatal("nothing was logged; the check would prove nothing")
+	}
+	key, _ := os.ReadFile(filepath.Join(dir, identity.KeyFile))
+	if strings.Contains(buf.String(), tok) || strings.Contains(buf.String(), tok[len(tok)-40:]) {
+		t.Fatal("the token was logged")
+	}
+	if len(key) == 0 || strings.Contains(buf.String(), "PRIVATE KEY") {
+		t.Fatal("key material was logged (or no key was stored)")
+	}
 }
