@@ -472,3 +472,28 @@ func (px *proxy) close() {
 }
 
 var _ = binary.BigEndian
+
+// The gateway's router serves other ALPNs (h2, http/1.1) on the same port;
+// a connection that negotiated one of those must not become a tunnel.
+func TestServerRequiresTunnelALPN(t *testing.T) {
+	defer goleak.VerifyNone(t)
+	p := newPKI(t)
+	srv := newTestServer(t, p, testConfig(), echo)
+	srv.tls.NextProtos = []string{"h2", ALPNAgent}
+	srv.start()
+	c := p.clientTLS("h2", p.client)
+	conn, err := tls.Dial("tcp", srv.addr(), c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	conn.Read(make([]byte, 1))
+	conn.Close()
+	if err := srv.waitRefusal(t, 5*time.Second); !errors.Is(err, ErrALPN) {
+		t.Fatalf("Server on an h2 connection: %v, want ErrALPN", err)
+	}
+	s := dialTest(t, p, srv.addr(), testConfig())
+	roundTrip(t, s, "tunnel ALPN still served")
+	s.Close()
+	srv.close()
+}
