@@ -417,10 +417,20 @@ func replyError(resource string, re *tunnel.ReplyError) error {
 		what = "the gateway did not open resource " + resource
 	}
 	if re.Reason != "" {
-		return fmt.Errorf("%s: %s: %w", what, re.Reason, re)
+		what += ": " + re.Reason
 	}
-	return fmt.Errorf("%s: %w", what, re)
+	return &openError{msg: what, re: re}
 }
+
+// openError is the gateway's refusal in one sentence; errors.Is still
+// matches tunnel.ErrRefused and friends through the wrapped *ReplyError.
+type openError struct {
+	msg string
+	re  *tunnel.ReplyError
+}
+
+func (e *openError) Error() string { return e.msg }
+func (e *openError) Unwrap() error { return e.re }
 
 // session returns the current open session, waiting for one until deadline.
 func (c *client) session(ctx context.Context, deadline time.Time) (*session, error) {

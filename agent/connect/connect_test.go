@@ -369,7 +369,8 @@ func TestConnectStdio(t *testing.T) {
 	}
 	err = Connect(context.Background(), Config{DataDir: dir, Resource: "denied", Stdio: true,
 		Stdin: strings.NewReader(""), Stdout: io.Discard})
-	if !errors.Is(err, tunnel.ErrRefused) || !strings.Contains(err.Error(), "policy does not allow") {
+	if !errors.Is(err, tunnel.ErrRefused) ||
+		err.Error() != "access to resource denied was refused: policy does not allow user alice to reach resource denied" {
 		t.Fatalf("stdio to a refused resource = %v", err)
 	}
 }
