@@ -183,7 +183,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		Logger:        cfg.Logger.With("component", "ca"),
 		Now:           cfg.Clock.Now,
 		OnRevoke:      g.onRevoke,
-		ACME:          ca.ACMEConfig{AllowedNames: acmeAllowed},
+		ACME:          ca.ACMEConfig{AllowedNames: acmeAllowed, DialContext: g.validationDialer(published)},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start the certificate authority: %w", err)

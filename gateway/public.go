@@ -139,3 +139,28 @@ func (g *Gateway) openToAgent(ctx context.Context, resource, sessionID string) (
 	}
 	return nil, nil, fmt.Errorf("could not open a stream for resource %s: %w", resource, lastErr)
 }
+
+// validationDialer routes the built-in CA's ACME validation connections for the published
+// names to this gateway's own public listener (port 80 to its HTTP listener, anything else to
+// its HTTPS listener), so --acme-ca internal works whatever ports the listener uses and
+// wherever DNS points; other names are refused (the allow-list refuses them anyway).
+func (g *Gateway) validationDialer(published map[string]public.Host) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	if len(published) == 0 {
+		return nil
+	}
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, err
+		}
+		if _, ok := published[strings.ToLower(host)]; !ok || g.public == nil {
+			return nil, fmt.Errorf("ACME validation of %s: not a name this gateway publishes", host)
+		}
+		to := g.public.Addr()
+		if port == "80" && g.public.HTTPAddr() != nil {
+			to = g.public.HTTPAddr()
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", to.String())
+	}
+}
