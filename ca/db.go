@@ -285,13 +285,18 @@ func (d *authDB) issued(id Identity, now time.Time) ([]IssuedCert, error) {
 	}
 	want := id.String()
 	var out []IssuedCert
+	prune := new(database.Tx)
 	for _, e := range entries {
 		var r issuedRecord
 		if err := json.Unmarshal(e.Value, &r); err != nil {
 			continue
 		}
+		// Keep expired entries an hour (clock skew between gateways), then prune.
+		if now.After(r.NotAfter.Add(time.Hour)) {
+			prune.Del(issuedTable, e.Key)
+			continue
+		}
 		if !now.Before(r.NotAfter) {
-			_ = d.Del(issuedTable, e.Key) // best effort: a stale entry is only filtered again
 			continue
 		}
 		if r.Identity != want {
@@ -300,6 +305,11 @@ func (d *authDB) issued(id Identity, now time.Time) ([]IssuedCert, error) {
 		serial := string(e.Key)
 		rev, _ := d.IsRevoked(serial)
 		out = append(out, IssuedCert{Serial: serial, NotBefore: r.NotBefore, NotAfter: r.NotAfter, Revoked: rev})
+	}
+	if len(prune.Operations) > 0 {
+		// One transaction (one fsync) for all of them; best effort: a stale entry is
+		// only filtered again next time.
+		_ = d.Update(prune)
 	}
 	return out, nil
 }

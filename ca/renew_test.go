@@ -155,6 +155,14 @@ func TestRenewExpired(t *testing.T) {
 	if n := issuedCount(t, e.a, RoleAgent, "late"); n != 0 { // Issued uses the CA clock too
 		t.Fatalf("Issued lists %d certificates of an expired identity", n)
 	}
+	// Index entries expired for over an hour are pruned: back at the real time, the
+	// certificate is no longer listed because its entry is gone.
+	offset.Store(int64(3 * time.Hour))
+	issuedCount(t, e.a, RoleAgent, "late")
+	offset.Store(0)
+	if n := issuedCount(t, e.a, RoleAgent, "late"); n != 0 {
+		t.Fatalf("expired index entry not pruned (%d listed)", n)
+	}
 }
 
 func TestVerifyPeer(t *testing.T) {
