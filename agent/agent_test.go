@@ -42,7 +42,7 @@ func TestServeStreams(t *testing.T) {
 	if !errors.Is(err, tunnel.ErrUnknownResource) {
 		t.Fatalf("unknown resource: err = %v, want ErrUnknownResource", err)
 	}
-	if !strings.Contains(err.Error(), "does not expose resource etc-passwd") {
+	if !strings.Contains(err.Error(), "resource etc-passwd is not exposed by this agent") {
 		t.Fatalf("unclear reason: %v", err)
 	}
 

@@ -185,7 +185,8 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 	target, ok := a.cfg.Expose[h.Resource]
 	if !ok {
 		log.Warn("refused a stream for a resource this agent does not expose")
-		_ = st.Reply(tunnel.StatusUnknownResource, fmt.Sprintf("agent %s does not expose resource %s", a.meta.Name, h.Resource))
+		// The gateway prefixes reasons with the agent's name; keep them short.
+		_ = st.Reply(tunnel.StatusUnknownResource, fmt.Sprintf("resource %s is not exposed by this agent", h.Resource))
 		st.Close()
 		return
 	}
@@ -195,7 +196,7 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 	if err != nil {
 		reason := dialReason(err, a.cfg.DialTimeout)
 		log.Warn("could not reach the resource", "target", target, "err", err)
-		_ = st.Reply(tunnel.StatusDialFailed, fmt.Sprintf("agent %s could not connect to resource %s: %s", a.meta.Name, h.Resource, reason))
+		_ = st.Reply(tunnel.StatusDialFailed, reason)
 		st.Close()
 		return
 	}
