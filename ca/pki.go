@@ -51,6 +51,10 @@ func resolvePassword(cfg *Config, firstStart bool) ([]byte, bool, error) {
 	case len(cfg.Password) > 0:
 		return cfg.Password, false, nil
 	case cfg.PasswordFile != "":
+		if fi, err := os.Stat(cfg.PasswordFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			cfg.Logger.Warn("the CA password file is readable by other users; chmod 600 it",
+				"path", cfg.PasswordFile, "mode", fi.Mode().Perm().String())
+		}
 		b, err := os.ReadFile(cfg.PasswordFile)
 		if err != nil {
 			return nil, false, fmt.Errorf("read CA password file: %w", err)
