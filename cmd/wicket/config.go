@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"sort"
 	"strings"
@@ -157,6 +158,26 @@ func applyConfigFile(fs *flag.FlagSet, path string, set map[string]bool) error {
 	return nil
 }
 
+// redactURL hides the password of a URL-shaped value (a postgresql:// DSN)
+// and any query parameter named like a secret.
+func redactURL(v string) string {
+	u, err := url.Parse(v)
+	if err != nil {
+		return "<redacted: unparsable URL>"
+	}
+	if _, has := u.User.Password(); has {
+		u.User = url.UserPassword(u.User.Username(), "redacted")
+	}
+	q := u.Query()
+	for k := range q {
+		if secretFlag(strings.ToLower(k)) {
+			q.Set(k, "redacted")
+		}
+	}
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
 // printConfig writes the effective configuration of fs as YAML, secrets
 // redacted, in flag-name order: what `--print-config` shows.
 func printConfig(w io.Writer, fs *flag.FlagSet) error {
@@ -169,6 +190,8 @@ func printConfig(w io.Writer, fs *flag.FlagSet) error {
 		switch {
 		case secretFlag(f.Name) && v != "":
 			out[f.Name] = "<redacted>"
+		case strings.Contains(v, "://"):
+			out[f.Name] = redactURL(v)
 		default:
 			if r, ok := f.Value.(repeatable); ok {
 				if r.String() == "" {

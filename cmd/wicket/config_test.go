@@ -100,7 +100,8 @@ func TestConfigListForScalarRefused(t *testing.T) {
 
 func TestPrintConfigRedacts(t *testing.T) {
 	fs, _, _, _, _ := testFlagSet()
-	if _, err := parseFlags(fs, []string{"--ca-password", "hunter2", "--expose", "a=1:1"}); err != nil {
+	fs.String("db", "", "dsn")
+	if _, err := parseFlags(fs, []string{"--ca-password", "hunter2", "--expose", "a=1:1", "--db", "postgresql://wicket:s3cret@db:5432/wicket?sslmode=verify-full&password=p2"}); err != nil {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
@@ -108,6 +109,9 @@ func TestPrintConfigRedacts(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := buf.String()
+	if strings.Contains(out, "s3cret") || strings.Contains(out, "p2") || !strings.Contains(out, "wicket:redacted@db:5432") {
+		t.Errorf("DSN password not redacted:\n%s", out)
+	}
 	if strings.Contains(out, "hunter2") || !strings.Contains(out, "ca-password: <redacted>") {
 		t.Errorf("secret not redacted:\n%s", out)
 	}
