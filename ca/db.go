@@ -332,6 +332,7 @@ type pgAtomic struct {
 
 func pgTable(bucket []byte) string { return pgx.Identifier{string(bucket)}.Sanitize() }
 
+// CmpAndSwap is atomic in PostgreSQL: one statement, decided by the primary key.
 func (p *pgAtomic) CmpAndSwap(bucket, key, oldValue, newValue []byte) ([]byte, bool, error) {
 	t := pgTable(bucket)
 	var res sql.Result
@@ -360,6 +361,7 @@ func (p *pgAtomic) CmpAndSwap(bucket, key, oldValue, newValue []byte) ([]byte, b
 	return cur, false, nil
 }
 
+// Update turns a [Get k, Delete k] transaction into one DELETE ... RETURNING.
 func (p *pgAtomic) Update(tx *database.Tx) error {
 	ops := tx.Operations
 	if len(ops) == 2 && ops[0].Cmd == database.Get && ops[1].Cmd == database.Delete &&

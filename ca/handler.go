@@ -46,6 +46,7 @@ func writeError(w http.ResponseWriter, status int, err error) {
 	_ = json.NewEncoder(w).Encode(errorBody{Status: status, Message: err.Error()})
 }
 
+// ServeHTTP applies the checks above, then hands the request to step-ca.
 func (g *guard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = http.MaxBytesReader(w, r.Body, maxRequestBody)
 	ctx := authority.NewContext(r.Context(), g.a.auth)
@@ -164,6 +165,7 @@ type bufferedWriter struct {
 	wrote  bool
 }
 
+// Header, WriteHeader and Write implement http.ResponseWriter into memory.
 func (b *bufferedWriter) Header() http.Header { return b.header }
 func (b *bufferedWriter) WriteHeader(s int) {
 	if !b.wrote {
@@ -217,14 +219,17 @@ func newValidationClient(c ACMEConfig) *validationClient {
 	}
 }
 
+// Get fetches an http-01 key authorization.
 func (c *validationClient) Get(url string) (*http.Response, error) { return c.http.Get(url) }
 
+// LookupTxt resolves dns-01 TXT records, bounded in time.
 func (c *validationClient) LookupTxt(name string) ([]string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), validationTimeout)
 	defer cancel()
 	return c.lookup(ctx, name)
 }
 
+// TLSDial opens a tls-alpn-01 validation connection, bounded in time.
 func (c *validationClient) TLSDial(network, addr string, cfg *tls.Config) (*tls.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), validationTimeout)
 	defer cancel()
