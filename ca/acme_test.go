@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -143,6 +144,43 @@ func TestACMEHTTP01(t *testing.T) {
 		}
 		if _, err := leaf.Verify(x509.VerifyOptions{DNSName: name, Roots: e.a.RootPool(), Intermediates: inter}); err != nil {
 			t.Fatalf("%s: ACME certificate does not verify: %v", name, err)
+		}
+	}
+	// A CSR that smuggles a SPIFFE ID into an allowed order is refused: ACME must
+	// never mint a Wicket identity.
+	{
+		order, err := cl.AuthorizeOrder(ctx, acme.DomainIDs("smuggle.apps.wicket.test"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		z, _ := cl.GetAuthorization(ctx, order.AuthzURLs[0])
+		for _, c := range z.Challenges {
+			if c.Type == "http-01" {
+				ka, _ := cl.HTTP01ChallengeResponse(c.Token)
+				r.mu.Lock()
+				r.resp[cl.HTTP01ChallengePath(c.Token)] = ka
+				r.mu.Unlock()
+				if _, err := cl.Accept(ctx, c); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if _, err := cl.WaitAuthorization(ctx, z.URI); err != nil {
+			t.Fatal(err)
+		}
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		u, _ := url.Parse("spiffe://wicket.local/agent/smuggle")
+		csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+			DNSNames: []string{"smuggle.apps.wicket.test"}, URIs: []*url.URL{u}}, key)
+		der, _, err := cl.CreateOrderCert(ctx, order.FinalizeURL, csr, false)
+		if err == nil {
+			leaf, _ := x509.ParseCertificate(der[0])
+			if len(leaf.URIs) != 0 {
+				t.Fatalf("ACME issued a certificate with URI SANs %v", leaf.URIs)
+			}
+			if _, err := e.a.VerifyPeer([]*x509.Certificate{leaf}, RoleAgent); err == nil {
+				t.Fatal("an ACME certificate passed VerifyPeer as an agent")
+			}
 		}
 	}
 	// Outside the allow-list: refused at order time, nothing issued.
