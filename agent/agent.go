@@ -68,6 +68,10 @@ type Config struct {
 	// closes it when its streams have ended or the period has passed. Zero
 	// (default): close at once.
 	GracePeriod time.Duration
+	// RenewPeriod, when > 0, renews the certificate every RenewPeriod
+	// instead of at about 2/3 of its lifetime (identity.RenewerConfig.Period).
+	// For tests and demos. Default 0: off.
+	RenewPeriod time.Duration
 	// Reconnect is the backoff between connection attempts. Nil: 500 ms
 	// doubling up to 30 s with full jitter, reset after a minute of uptime.
 	Reconnect *tunnel.Backoff
@@ -203,7 +207,7 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 		log:  log,
 		meta: stored.Meta,
 		renewer: identity.NewRenewer(stored, identity.RenewerConfig{
-			Dir: cfg.DataDir, Renew: cfg.Renew, Logger: log, Now: cfg.Now, After: cfg.After,
+			Dir: cfg.DataDir, Renew: cfg.Renew, Logger: log, Now: cfg.Now, After: cfg.After, Period: cfg.RenewPeriod,
 		}),
 		addr:     addr,
 		roots:    roots,

@@ -119,6 +119,10 @@ type Config struct {
 	// its streams. Zero (default): until they end or its certificate
 	// expires (the gateway closes it then anyway).
 	DrainTimeout time.Duration
+	// RenewPeriod, when > 0, renews the certificate every RenewPeriod
+	// instead of at about 2/3 of its lifetime (identity.RenewerConfig.Period).
+	// For tests and demos. Default 0: off.
+	RenewPeriod time.Duration
 	// Reconnect is the backoff between connection attempts. Nil: 500 ms
 	// doubling up to 30 s with full jitter.
 	Reconnect *tunnel.Backoff
@@ -245,7 +249,7 @@ func newClient(cfg Config, s *identity.Stored) (*client, error) {
 	return &client{
 		cfg: cfg, log: log, meta: s.Meta, addr: addr, host: u.Hostname(), roots: roots,
 		renewer: identity.NewRenewer(s, identity.RenewerConfig{Dir: cfg.DataDir, Renew: cfg.Renew, Logger: log,
-			Now: cfg.Now, After: cfg.After}),
+			Now: cfg.Now, After: cfg.After, Period: cfg.RenewPeriod}),
 		changed: make(chan struct{}),
 	}, nil
 }

@@ -78,6 +78,13 @@ type RenewerConfig struct {
 	// Rand returns a number in [0,1) for the renewal jitter and retry
 	// backoff. Default math/rand/v2.Float64.
 	Rand func() float64
+	// Period, when > 0, renews every Period (counted from when each
+	// certificate was obtained or loaded) if that comes before the normal
+	// time at about 2/3 of the lifetime, like `step ca renew --renew-period`.
+	// For tests and demos that need several renewals within a lifetime that
+	// cannot go under 5 minutes. An expired certificate is still never
+	// renewed. Default 0: off.
+	Period time.Duration
 	// RetryInitial is the first wait after a failed renewal; it doubles on
 	// each failure. Default 1s.
 	RetryInitial time.Duration
@@ -158,7 +165,13 @@ func (r *Renewer) newState(c *ca.Credentials) *state {
 	for _, cert := range c.Chain {
 		tc.Certificate = append(tc.Certificate, cert.Raw)
 	}
-	return &state{creds: c, tls: tc, renewAt: RenewAt(leaf.NotBefore, leaf.NotAfter, r.cfg.Rand())}
+	at := RenewAt(leaf.NotBefore, leaf.NotAfter, r.cfg.Rand())
+	if r.cfg.Period > 0 {
+		if p := r.cfg.Now().Add(r.cfg.Period); p.Before(at) {
+			at = p
+		}
+	}
+	return &state{creds: c, tls: tc, renewAt: at}
 }
 
 // Current returns the newest credentials.
@@ -312,7 +325,7 @@ func (r *Renewer) renewOnce(ctx context.Context, st *state) error {
 	}
 	r.updates <- next
 	r.cfg.Logger.Info("certificate renewed", "serial", leaf.SerialNumber.String(),
-		"expires", leaf.NotAfter, "next_renewal", ns.renewAt)
+		"not_after", leaf.NotAfter.UTC().Format(time.RFC3339), "next_renewal", ns.renewAt.UTC().Format(time.RFC3339Nano))
 	return nil
 }
 

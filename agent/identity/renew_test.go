@@ -344,3 +344,26 @@ func TestRenewNowReschedules(t *testing.T) {
 		t.Fatal("renewed identity changed")
 	}
 }
+
+func TestRenewerPeriod(t *testing.T) {
+	fx := newRenewFixture(t, time.Hour, 0, 0.5)
+	fx.r = NewRenewer(fx.s, RenewerConfig{Dir: fx.dir, Renew: fx.ca.renew, Now: fx.clk.Now, After: fx.clk.After,
+		Rand: func() float64 { return 0.5 }, Period: 2 * time.Second})
+	h := fx.run(t)
+	defer h.stop()
+	for i := range 3 {
+		fx.waitPending(t, 1)
+		if got := fx.clk.Pending(); len(got) != 1 || got[0] != 2*time.Second {
+			t.Fatalf("renewal %d: waits %v, want [2s]", i+1, got)
+		}
+		fx.clk.Advance(2 * time.Second)
+		select {
+		case <-fx.r.Updates():
+		case <-time.After(5 * time.Second):
+			t.Fatalf("renewal %d did not happen", i+1)
+		}
+	}
+	if n := fx.ca.numCalls(); n != 3 {
+		t.Fatalf("%d renewals, want 3", n)
+	}
+}

@@ -28,6 +28,7 @@ func runAgent(ctx context.Context, args []string) error {
 	dialTimeout := fs.Duration("dial-timeout", 10*time.Second, "how long to wait when connecting to a resource")
 	drainTimeout := fs.Duration("drain-timeout", 0, "after a renewal, how long the previous session may keep its streams (0: until they end or its certificate expires)")
 	grace := fs.Duration("grace-period", 10*time.Second, "on SIGTERM, how long streams in flight may finish (new ones go to other agents of the same name)")
+	renewPeriod := fs.Duration("renew-period", 0, "renew the certificate every DUR instead of at about 2/3 of its lifetime (tests, demos); 0: off")
 	logFormat, logLevel := logFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -59,6 +60,7 @@ func runAgent(ctx context.Context, args []string) error {
 		DialTimeout:  *dialTimeout,
 		DrainTimeout: *drainTimeout,
 		GracePeriod:  *grace,
+		RenewPeriod:  *renewPeriod,
 		Version:      versionString(),
 		Logger:       logger,
 	})

@@ -22,6 +22,7 @@ func runConnect(ctx context.Context, args []string) error {
 	stdio := fs.Bool("stdio", false, "relay stdin/stdout as one connection instead of listening (ssh ProxyCommand)")
 	dataDir := fs.String("data-dir", "", "where the user identity is stored (env WICKET_DATA_DIR; default $WICKET_HOME, else ~/.wicket)")
 	openTimeout := fs.Duration("open-timeout", 30*time.Second, "how long a new connection waits for the session to the gateway")
+	renewPeriod := fs.Duration("renew-period", 0, "renew the certificate every DUR instead of at about 2/3 of its lifetime (tests, demos); 0: off")
 	logFormat, logLevel := logFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -50,6 +51,7 @@ func runConnect(ctx context.Context, args []string) error {
 		Listen:      *listen,
 		Stdio:       *stdio,
 		OpenTimeout: *openTimeout,
+		RenewPeriod: *renewPeriod,
 		Logger:      logger,
 		OnListen: func(a net.Addr) {
 			// One line scripts can read: the port is the last field.
