@@ -337,19 +337,50 @@ func (a *agent) drain(ctx context.Context, s *session) {
 		bound = a.cfg.DrainTimeout
 	}
 	reason := "its streams ended"
+	timeout := a.cfg.After(bound)
 	select {
-	case <-s.streams.Idle():
+	case <-a.idle(s):
 	case <-s.sess.Done():
 		reason = "the gateway closed it"
 	case <-ctx.Done():
 		reason = "the agent is stopping"
 		a.waitGrace(s)
-	case <-a.cfg.After(bound):
+	case <-timeout:
 		reason = fmt.Sprintf("the drain bound (%s) passed", bound.Round(time.Second))
 	}
 	left := s.streams.Active()
 	s.close()
 	a.log.Info("closed the replaced session", "session", s.gatewaySession, "reason", reason, "streams_cut", left)
+}
+
+// idle returns a channel closed once s carries no stream: none being served
+// and none that the gateway opened just before our go-away and that is still
+// waiting in the session's accept queue or having its header read (those are
+// not counted by s.streams yet, but yamux counts them; the control stream is
+// the one that stays). It polls yamux's count, only while draining.
+func (a *agent) idle(s *session) <-chan struct{} {
+	done := make(chan struct{})
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer close(done)
+		for {
+			select {
+			case <-s.streams.Idle():
+			case <-s.sess.Done():
+				return
+			}
+			if s.sess.NumStreams() <= 1 && s.streams.Active() == 0 {
+				return
+			}
+			select {
+			case <-time.After(50 * time.Millisecond):
+			case <-s.sess.Done():
+				return
+			}
+		}
+	}()
+	return done
 }
 
 // waitGrace waits, at shutdown, until s has no stream in flight, s ended,
@@ -359,7 +390,7 @@ func (a *agent) waitGrace(s *session) {
 		return
 	}
 	select {
-	case <-s.streams.Idle():
+	case <-a.idle(s):
 	case <-s.sess.Done():
 	case <-a.cfg.After(a.cfg.GracePeriod):
 	}

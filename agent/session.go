@@ -116,6 +116,7 @@ func (a *agent) dialSession(ctx context.Context) (*session, error) {
 		for {
 			var msg map[string]any
 			if err := ctl.Recv(&msg); err != nil {
+				ctl.Close()
 				return
 			}
 			log.Debug("control message from the gateway", "msg", msg)

@@ -382,7 +382,10 @@ func (c *client) open(ctx context.Context) (*tunnel.Stream, *session, error) {
 			}
 			return nil, nil, err
 		}
-		s.streams.Add()
+		if !s.streams.TryAdd() {
+			// Replaced after a renewal an instant ago: the newest session is current.
+			continue
+		}
 		st, err := s.sess.OpenStream(ctx, tunnel.Header{Kind: tunnel.KindData, Resource: c.cfg.Resource})
 		if err == nil {
 			return st, s, nil
@@ -530,6 +533,7 @@ func (c *client) connect(ctx context.Context, fail context.CancelCauseFunc) erro
 // drain closes a replaced session once its streams have ended, its
 // certificate has expired, DrainTimeout has passed, or ctx ended.
 func (c *client) drain(ctx context.Context, s *session) {
+	s.streams.Seal()
 	bound := s.leaf.NotAfter.Sub(c.cfg.Now())
 	if c.cfg.DrainTimeout > 0 && c.cfg.DrainTimeout < bound {
 		bound = c.cfg.DrainTimeout

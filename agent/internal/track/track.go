@@ -7,9 +7,10 @@ import "sync"
 
 // Tracker counts active streams. The zero value is ready to use and idle.
 type Tracker struct {
-	mu   sync.Mutex
-	n    int
-	idle chan struct{} // closed while n == 0; nil means "not created yet"
+	mu     sync.Mutex
+	n      int
+	sealed bool          // no new streams: the session is draining
+	idle   chan struct{} // closed while n == 0; nil means "not created yet"
 }
 
 // Add records a stream that started.
@@ -20,6 +21,30 @@ func (t *Tracker) Add() {
 		t.idle = make(chan struct{})
 	}
 	t.n++
+}
+
+// TryAdd records a stream that is about to start, unless Seal was called:
+// then it returns false and the caller must use another session. Checking
+// and counting under one lock closes the window in which a drain could see
+// zero streams and close the session under a stream being opened.
+func (t *Tracker) TryAdd() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.sealed {
+		return false
+	}
+	if t.n == 0 {
+		t.idle = make(chan struct{})
+	}
+	t.n++
+	return true
+}
+
+// Seal makes every later TryAdd fail.
+func (t *Tracker) Seal() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.sealed = true
 }
 
 // Done records a stream that ended.
