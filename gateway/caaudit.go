@@ -120,6 +120,13 @@ func (g *Gateway) auditCA(kind string, claimed ca.Identity, oldSerial string, cw
 		rec.Type = audit.TypeAgentEnrolled
 	}
 	setIdentity(&rec, id)
+	if rec.Outcome == audit.OutcomeOK {
+		certKind := "issued"
+		if kind == "renew" {
+			certKind = "renewed"
+		}
+		g.counters.certs.inc(certKind, roleLabel(id.Role))
+	}
 	if rec.Outcome != audit.OutcomeOK {
 		// Anyone can send a bad request: beyond a burst, refusals are rate-limited.
 		ok, suppressed := g.caRefusedLimit.allow(time.Now())

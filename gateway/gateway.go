@@ -92,6 +92,7 @@ type Gateway struct {
 	// caRefusedLimit does the same for refused CA requests (sign, renew).
 	caRefusedLimit *rateLimit
 	active         activeCount // user streams being relayed
+	dbHealth       dbHealth    // the readiness check of the CA database
 
 	revokeMu      sync.Mutex
 	knownSerials  map[string]knownSerial // serial -> holder, to name who a revoked serial belonged to
@@ -332,8 +333,10 @@ func (g *Gateway) Run(ctx context.Context) error {
 	case <-g.bgCtx.Done(): // Close was called
 	}
 	g.log.Info("shutting down: no new connections, waiting for streams to finish", "grace", g.cfg.GracePeriod.String())
-	g.draining.Store(true)
+	// Close the port before refusing streams, so that anyone who sees a refusal for
+	// shutdown also finds the port closed.
 	_ = g.ln.Close()
+	g.draining.Store(true)
 	stopPublic() // it drains its own requests, for up to GracePeriod too
 	<-acceptDone
 
@@ -500,6 +503,7 @@ func (g *Gateway) auditRevoked(serial string, id ca.Identity, reason string) {
 	if id == (ca.Identity{}) {
 		id, _ = g.peers.identityOf(serial)
 	}
+	g.counters.certs.inc("revoked", roleLabel(id.Role))
 	r := audit.Record{Type: audit.TypeCertRevoked, Serial: serial, Reason: reason}
 	setIdentity(&r, id)
 	g.record(r)
@@ -547,6 +551,16 @@ func setIdentity(r *audit.Record, id ca.Identity) {
 	case ca.RoleUser:
 		r.User = id.Name
 	}
+}
+
+// roleLabel is the metrics label of a role: one of a fixed few, so that nothing a peer
+// sends can grow the label set.
+func roleLabel(r ca.Role) string {
+	switch r {
+	case ca.RoleAgent, ca.RoleUser, ca.RoleGateway:
+		return string(r)
+	}
+	return "unknown"
 }
 
 // newID returns a random 16-hex-digit id for sessions.

@@ -8,6 +8,7 @@ import (
 	"net"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway/public"
@@ -124,10 +125,12 @@ func (g *Gateway) openToAgent(ctx context.Context, resource, sessionID string) (
 		return nil, nil, &errNoAgent{resource: resource, offline: offline}
 	}
 	var lastErr error
+	start := time.Now()
 	for _, c := range cands {
 		st, err := c.sess.OpenStream(ctx, tunnel.Header{Version: tunnel.ProtocolVersion, Kind: tunnel.KindData,
 			Resource: resource, SessionID: sessionID})
 		if err == nil {
+			g.counters.streamOpen.observe(time.Since(start).Seconds())
 			return c, st, nil
 		}
 		var re *tunnel.ReplyError

@@ -53,6 +53,12 @@ func (t *sessionTable) remove(id string) {
 	delete(t.m, id)
 }
 
+func (t *sessionTable) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.m)
+}
+
 func (t *sessionTable) list() []SessionInfo {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -196,7 +202,9 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 	ls := &liveSession{info: SessionInfo{ID: id, User: user, Agent: as.name, Resource: h.Resource, Remote: p.remote, Started: started},
 		up: new(atomic.Int64), down: new(atomic.Int64)}
 	g.sessions.add(ls)
-	upBytes, downBytes, err := tunnel.Relay(g.bgCtx, &countingConn{Conn: st, n: ls.up}, &countingConn{Conn: up, n: ls.down})
+	rb := g.counters.resources.get(h.Resource)
+	upBytes, downBytes, err := tunnel.Relay(g.bgCtx, &countingConn{Conn: st, n: ls.up, total: &rb.up},
+		&countingConn{Conn: up, n: ls.down, total: &rb.down})
 	g.sessions.remove(id)
 	g.counters.bytesUp.Add(upBytes)
 	g.counters.bytesDown.Add(downBytes)
@@ -237,16 +245,19 @@ func outcomeOf(s tunnel.Status) string {
 	return "error"
 }
 
-// countingConn counts the bytes read from a stream for the live sessions table; it keeps the
-// half-close of the stream it wraps.
+// countingConn counts the bytes read from a stream for the live sessions table and for the
+// per-resource metrics (as they flow, so a long transfer shows in a scrape before it ends);
+// it keeps the half-close of the stream it wraps.
 type countingConn struct {
 	net.Conn
-	n *atomic.Int64
+	n     *atomic.Int64
+	total *atomic.Int64
 }
 
 func (c *countingConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
 	c.n.Add(int64(n))
+	c.total.Add(int64(n))
 	return n, err
 }
 

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/wicketgw/wicket/gateway"
+	"github.com/wicketgw/wicket/gateway/metrics"
 )
 
 func init() {
@@ -36,6 +37,7 @@ func runGateway(ctx context.Context, args []string) error {
 	publicHTTPListen := fs.String("public-http-listen", ":80", "plain HTTP address for http-01 challenges and redirects, or off (only with --publish)")
 	acmeCA := fs.String("acme-ca", "", "ACME directory URL for public certificates; empty for Let's Encrypt, internal for the built-in CA")
 	acmeEmail := fs.String("acme-email", "", "contact e-mail of the ACME account")
+	metricsListen := fs.String("metrics-listen", "", "HOST:PORT for Prometheus /metrics and the /healthz, /readyz probes (plain HTTP, no authentication: use loopback, e.g. 127.0.0.1:9090); empty = off")
 	logFormat, logLevel := logFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -81,9 +83,31 @@ func runGateway(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	// ctx ends on SIGINT/SIGTERM (main.go); Run then drains and returns.
-	if err := g.Run(ctx); err != nil {
-		return err
+	var ms *metrics.Server
+	if *metricsListen != "" {
+		if ms, err = metrics.Listen(*metricsListen, g, logger.With("component", "metrics")); err != nil {
+			_ = g.Close()
+			return err
+		}
+	}
+	// ctx ends on SIGINT/SIGTERM (main.go); Run then drains and returns. The metrics
+	// listener stops with it: /readyz answers "shutting down" while the gateway drains.
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	metricsDone := make(chan error, 1)
+	if ms != nil {
+		logger.Info("metrics listening", "addr", ms.Addr().String())
+		go func() { metricsDone <- ms.Serve(runCtx) }()
+	} else {
+		metricsDone <- nil
+	}
+	runErr := g.Run(ctx)
+	stop()
+	if err := <-metricsDone; err != nil && runErr == nil {
+		runErr = err
+	}
+	if runErr != nil {
+		return runErr
 	}
 	logger.Info("gateway stopped")
 	return nil
