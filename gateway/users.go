@@ -148,6 +148,8 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 			r.Outcome = audit.OutcomeDenied
 		}
 		g.record(r)
+		g.log.Info("session refused", "user", user, "resource", h.Resource, "agent", agent, "outcome", kind,
+			"reason", reason, "session", id, "remote", p.remote)
 	}
 
 	if h.Kind != tunnel.KindData {
@@ -198,6 +200,7 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 	r.Extra = map[string]string{"agent_session": as.id, "policy_rule": strconv.Itoa(decision.Rule),
 		"policy_line": strconv.Itoa(decision.Line)}
 	g.record(r)
+	g.log.Info("session started", "user", user, "resource", h.Resource, "agent", as.name, "session", id, "remote", p.remote)
 
 	ls := &liveSession{info: SessionInfo{ID: id, User: user, Agent: as.name, Resource: h.Resource, Remote: p.remote, Started: started},
 		up: new(atomic.Int64), down: new(atomic.Int64)}
@@ -229,6 +232,9 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 	r.BytesUp, r.BytesDown = upBytes, downBytes
 	r.DurationMS = g.clock.Now().Sub(started).Milliseconds()
 	g.record(r)
+	g.log.Info("session ended", "user", user, "resource", h.Resource, "agent", as.name, "outcome", kind,
+		"reason", reason, "bytes_up", upBytes, "bytes_down", downBytes,
+		"duration", g.clock.Now().Sub(started).Round(time.Millisecond).String(), "session", id)
 }
 
 func outcomeOf(s tunnel.Status) string {
