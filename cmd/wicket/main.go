@@ -166,6 +166,9 @@ func envOr(key, def string) string {
 func newFlagSet(name string) *flag.FlagSet {
 	fs := flag.NewFlagSet("wicket "+name, flag.ContinueOnError)
 	fs.SetOutput(os.Stderr)
+	if flagSetHook != nil {
+		flagSetHook(fs) // `wicket completion` collecting the flags (completion.go)
+	}
 	return fs
 }
 
