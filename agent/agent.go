@@ -89,6 +89,10 @@ type Config struct {
 	Renew  func(ctx context.Context, baseURL string, cur *ca.Credentials) (*ca.Credentials, error)
 }
 
+// goAwayDelay is how long a session replaced after a renewal keeps
+// accepting new streams before it tells the gateway to stop opening them.
+const goAwayDelay = time.Second
+
 // ErrConfig marks an invalid Config.
 var ErrConfig = errors.New("invalid agent configuration")
 
@@ -329,6 +333,14 @@ func (a *agent) switchSession(ctx context.Context, old *session) *session {
 // drain stops new streams on s and closes it once its streams have ended,
 // its certificate has expired, DrainTimeout has passed, or ctx ended.
 func (a *agent) drain(ctx context.Context, s *session) {
+	// The gateway may have picked s for a stream an instant before it
+	// registered the new session; a go-away sent at once would make that
+	// stream fail. The old session keeps serving for a moment first.
+	select {
+	case <-time.After(goAwayDelay):
+	case <-s.sess.Done():
+	case <-ctx.Done():
+	}
 	if err := s.sess.GoAway(); err != nil {
 		a.log.Debug("go-away on the replaced session failed", "session", s.gatewaySession, "err", err)
 	}
