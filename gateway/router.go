@@ -40,6 +40,14 @@ const (
 	refusedShuttingDwn = "gateway shutting down"
 )
 
+// RefusalReasons lists every reason a handshake can be refused for, as counted in
+// Counters.HandshakesRefused; metrics export each at zero before its first refusal, so a
+// rate() over it sees the first one.
+func RefusalReasons() []string {
+	return []string{refusedVersion, refusedUnknownCA, refusedExpired, refusedRevoked, refusedWrongRole,
+		refusedNoCert, refusedBadALPN, refusedTimeout, refusedNotTLS, refusedBadCert, refusedOther, refusedShuttingDwn}
+}
+
 // acceptLoop accepts TCP connections until the listener closes.
 func (g *Gateway) acceptLoop() {
 	var delay time.Duration

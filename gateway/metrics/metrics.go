@@ -122,8 +122,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstHistogram(c.streamOpen, s.StreamOpen.Count, s.StreamOpen.Sum, buckets)
 	counter(c.handshakes, float64(s.HandshakesOK))
-	for _, k := range sortedKeys(s.HandshakesRefused) {
-		counter(c.handshakesRefused, float64(s.HandshakesRefused[k]), labelValue(k))
+	refused := map[string]int64{}
+	for _, k := range gateway.RefusalReasons() {
+		refused[k] = 0
+	}
+	for k, n := range s.HandshakesRefused {
+		refused[k] += n
+	}
+	for _, k := range sortedKeys(refused) {
+		counter(c.handshakesRefused, float64(refused[k]), labelValue(k))
 	}
 	for k, n := range s.Certificates {
 		counter(c.certificates, float64(n), k.Kind, k.Role)
