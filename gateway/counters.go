@@ -82,7 +82,7 @@ func (c *counters) snapshot() Counters {
 const maxResourceLabels = 256
 
 // OtherResource is the resource name bytes are counted under once maxResourceLabels
-// resources have their own counters.
+// resources have their own counters (a resource actually named "other" shares it).
 const OtherResource = "other"
 
 // StreamOpenBuckets are the upper bounds, in seconds, of the stream-open latency histogram:
