@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"time"
@@ -75,12 +76,39 @@ func parseExpose(values []string) (map[string]string, error) {
 		if !ok || name == "" || addr == "" {
 			return nil, fmt.Errorf("--expose %q is not NAME=HOST:PORT", v)
 		}
+		addr, err := exposeAddr(name, addr)
+		if err != nil {
+			return nil, err
+		}
 		if prev, dup := out[name]; dup && prev != addr {
 			return nil, fmt.Errorf("--expose names resource %s twice (%s and %s)", name, prev, addr)
 		}
 		out[name] = addr
 	}
 	return out, nil
+}
+
+// exposeAddr accepts HOST:PORT or, for an HTTP resource that the gateway
+// publishes (--publish on the gateway), http://HOST[:PORT]: the agent only
+// carries bytes, so the URL form is the same dial with the scheme's default
+// port. https:// is refused: the gateway's proxy speaks plain HTTP inside the
+// already encrypted tunnel, and a TLS backend would need its own name checks.
+func exposeAddr(name, target string) (string, error) {
+	scheme, rest, isURL := strings.Cut(target, "://")
+	if !isURL {
+		return target, nil
+	}
+	if scheme != "http" {
+		return "", fmt.Errorf("--expose %s=%s: only http:// URLs or HOST:PORT can be exposed", name, target)
+	}
+	rest = strings.TrimSuffix(rest, "/")
+	if rest == "" || strings.ContainsAny(rest, "/?#@") {
+		return "", fmt.Errorf("--expose %s=%s: give http://HOST[:PORT] without a path", name, target)
+	}
+	if _, _, err := net.SplitHostPort(rest); err != nil {
+		rest = net.JoinHostPort(strings.Trim(rest, "[]"), "80")
+	}
+	return rest, nil
 }
 
 // readToken returns the token from --token or --token-file (not both).
