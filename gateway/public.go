@@ -126,19 +126,35 @@ func (g *Gateway) openToAgent(ctx context.Context, resource, sessionID string) (
 	}
 	var lastErr error
 	start := time.Now()
-	for _, c := range cands {
-		st, err := c.sess.OpenStream(ctx, tunnel.Header{Version: tunnel.ProtocolVersion, Kind: tunnel.KindData,
-			Resource: resource, SessionID: sessionID})
-		if err == nil {
-			g.counters.streamOpen.observe(time.Since(start).Seconds())
-			return c, st, nil
+	tried := map[*agentSession]bool{}
+	// Two rounds: a session chosen here may go away (make-before-break renewal) before our
+	// stream reaches it; by then the agent's new session is registered, so the candidates
+	// are read once more before giving up.
+	for round := 0; round < 2; round++ {
+		if round == 1 {
+			cands, _ = g.registry.candidates(resource)
 		}
-		var re *tunnel.ReplyError
-		if errors.As(err, &re) {
-			return c, nil, fmt.Errorf("agent %s: %w", c.name, re)
+		for _, c := range cands {
+			if tried[c] {
+				continue
+			}
+			tried[c] = true
+			st, err := c.sess.OpenStream(ctx, tunnel.Header{Version: tunnel.ProtocolVersion, Kind: tunnel.KindData,
+				Resource: resource, SessionID: sessionID})
+			if err == nil {
+				g.counters.streamOpen.observe(time.Since(start).Seconds())
+				return c, st, nil
+			}
+			var re *tunnel.ReplyError
+			if errors.As(err, &re) {
+				return c, nil, fmt.Errorf("agent %s: %w", c.name, re)
+			}
+			// Draining after a renewal (go-away) or gone: try the next candidate.
+			lastErr = fmt.Errorf("agent %s: %w", c.name, err)
 		}
-		// Draining after a renewal (go-away) or gone: try the next candidate.
-		lastErr = fmt.Errorf("agent %s: %w", c.name, err)
+		if ctx.Err() != nil {
+			break
+		}
 	}
 	return nil, nil, fmt.Errorf("could not open a stream for resource %s: %w", resource, lastErr)
 }
