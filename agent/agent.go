@@ -87,6 +87,9 @@ type Config struct {
 	// Enroll and Renew talk to the CA. Defaults ca.Enroll and ca.Renew.
 	Enroll func(ctx context.Context, token string) (*ca.Credentials, error)
 	Renew  func(ctx context.Context, baseURL string, cur *ca.Credentials) (*ca.Credentials, error)
+	// Stats, when set, receives the agent's counters (for metrics). Default nil: a private
+	// one nobody reads.
+	Stats *Stats
 }
 
 // goAwayDelay is how long a session replaced after a renewal keeps
@@ -206,12 +209,29 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 	}
 	slices.Sort(names)
 	log := cfg.Logger.With("agent", stored.Name)
+	if cfg.Stats == nil {
+		cfg.Stats = &Stats{}
+	}
+	stats, renew := cfg.Stats, cfg.Renew
+	stats.setCertExpires(stored.Creds.Chain[0].NotAfter)
+	countedRenew := func(ctx context.Context, baseURL string, cur *ca.Credentials) (*ca.Credentials, error) {
+		c, err := renew(ctx, baseURL, cur)
+		if err != nil {
+			stats.RenewalsFailed.Add(1)
+			return c, err
+		}
+		stats.RenewalsOK.Add(1)
+		if c != nil && len(c.Chain) > 0 {
+			stats.setCertExpires(c.Chain[0].NotAfter)
+		}
+		return c, nil
+	}
 	return &agent{
 		cfg:  cfg,
 		log:  log,
 		meta: stored.Meta,
 		renewer: identity.NewRenewer(stored, identity.RenewerConfig{
-			Dir: cfg.DataDir, Renew: cfg.Renew, Logger: log, Now: cfg.Now, After: cfg.After, Period: cfg.RenewPeriod,
+			Dir: cfg.DataDir, Renew: countedRenew, Logger: log, Now: cfg.Now, After: cfg.After, Period: cfg.RenewPeriod,
 		}),
 		addr:     addr,
 		roots:    roots,
@@ -239,6 +259,7 @@ func (a *agent) run(ctx context.Context) error {
 	tunnel.Retry(rctx, a.cfg.Reconnect, a.cfg.After,
 		func(ctx context.Context) error { return a.connect(ctx, stop) },
 		func(err error, wait time.Duration) {
+			a.cfg.Stats.Reconnects.Add(1)
 			a.log.Warn(fmt.Sprintf("no session to the gateway; reconnecting in %s", wait.Round(time.Millisecond)),
 				"reason", err, "gateway", a.addr)
 		})

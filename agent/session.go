@@ -104,7 +104,14 @@ func (a *agent) dialSession(ctx context.Context) (*session, error) {
 	sctx, scancel := context.WithCancel(context.WithoutCancel(ctx))
 	s := &session{sess: ts, ctl: ctl, leaf: leaf, gatewaySession: ack.Instance, cancel: scancel}
 	log := a.log.With("session", s.gatewaySession)
-	s.wg.Add(2)
+	a.cfg.Stats.Connects.Add(1)
+	a.cfg.Stats.SessionsUp.Add(1)
+	s.wg.Add(3)
+	go func() {
+		defer s.wg.Done()
+		<-ts.Done()
+		a.cfg.Stats.SessionsUp.Add(-1)
+	}()
 	go func() {
 		defer s.wg.Done()
 		a.serve(sctx, s, log)
@@ -178,6 +185,7 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 	h := st.Header()
 	log = log.With("resource", h.Resource, "stream", h.SessionID)
 	if h.Kind != tunnel.KindData {
+		a.cfg.Stats.StreamsRefused.Add(1)
 		log.Warn("refused a stream that is not a data stream", "kind", h.Kind.String())
 		_ = st.Reply(tunnel.StatusRefused, "the agent accepts only data streams")
 		st.Close()
@@ -185,6 +193,7 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 	}
 	target, ok := a.cfg.Expose[h.Resource]
 	if !ok {
+		a.cfg.Stats.StreamsRefused.Add(1)
 		log.Warn("refused a stream for a resource this agent does not expose")
 		// The gateway prefixes reasons with the agent's name; keep them short.
 		_ = st.Reply(tunnel.StatusUnknownResource, fmt.Sprintf("resource %s is not exposed by this agent", h.Resource))
@@ -196,6 +205,7 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 	conn, err := d.DialContext(ctx, "tcp", target)
 	if err != nil {
 		reason := dialReason(err, a.cfg.DialTimeout)
+		a.cfg.Stats.StreamsDialFailed.Add(1)
 		log.Warn("could not reach the resource", "target", target, "err", err)
 		_ = st.Reply(tunnel.StatusDialFailed, reason)
 		st.Close()
@@ -209,6 +219,9 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 	}
 	log.Debug("stream opened", "target", target)
 	toTarget, fromTarget, err := tunnel.Relay(ctx, st, conn)
+	a.cfg.Stats.StreamsOK.Add(1)
+	a.cfg.Stats.BytesToResource.Add(toTarget)
+	a.cfg.Stats.BytesFromResource.Add(fromTarget)
 	attrs := []any{"bytes_to_resource", toTarget, "bytes_from_resource", fromTarget,
 		"duration", time.Since(start).Round(time.Millisecond)}
 	switch {

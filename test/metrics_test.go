@@ -242,3 +242,54 @@ type readyBody struct {
 		Error string `json:"error"`
 	} `json:"checks"`
 }
+
+// TestAgentMetrics runs an agent with its own metrics listener through one session and
+// checks its scrape and probes, then stops the gateway and sees the agent turn not ready.
+func TestAgentMetrics(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	h := NewHarness(t)
+	gw := h.StartGateway(GatewayOptions{Policy: allowAlice})
+	ag := h.StartAgentWith(gw.Token("agent", "db1"), h.Dir("agent-db1"), metricsArgs, "echo="+echoServer(t))
+	gw.WaitAgentOnline("db1", "echo")
+	maddr := ag.WaitFor(`msg="metrics listening" addr=(\S+)`)[1]
+
+	user := h.Login(gw, "alice")
+	_, local := h.Connect(user, "echo")
+	const n = 123_456
+	if err := transfer(local, n); err != nil {
+		t.Fatal(err)
+	}
+	var s Scrape
+	eventually(t, `wicket_agent_streams_total{outcome="ok"} 1`, func() bool {
+		s = scrape(t, maddr)
+		return s.Series[`wicket_agent_streams_total{outcome="ok"}`] == 1
+	})
+	for series, want := range map[string]float64{
+		"wicket_agent_sessions_up":                                   1,
+		"wicket_agent_connects_total":                                1,
+		`wicket_agent_stream_bytes_total{direction="to_resource"}`:   n,
+		`wicket_agent_stream_bytes_total{direction="from_resource"}`: n,
+		`wicket_agent_renewals_total{result="failed"}`:               0,
+	} {
+		if got := s.value(t, series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+	if v := s.value(t, "wicket_agent_own_certificate_expiry_seconds"); v <= 0 || v > 3600 {
+		t.Errorf("agent certificate expiry = %v s, want within the 1 h lifetime", v)
+	}
+	if status, body := httpGet(t, "http://"+maddr+"/readyz"); status != http.StatusOK {
+		t.Fatalf("agent /readyz answered %d: %s", status, body)
+	}
+
+	if err := gw.Stop(); err != nil {
+		t.Fatalf("gateway stop: %v", err)
+	}
+	eventually(t, "agent /readyz 503 without a gateway", func() bool {
+		status, body := httpGet(t, "http://"+maddr+"/readyz")
+		return status == http.StatusServiceUnavailable && strings.Contains(body, "gateway_session")
+	})
+	if v := scrape(t, maddr).value(t, "wicket_agent_sessions_up"); v != 0 {
+		t.Errorf("wicket_agent_sessions_up = %v after the gateway stopped", v)
+	}
+}

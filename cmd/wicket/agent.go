@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/wicketgw/wicket/agent"
+	agentmetrics "github.com/wicketgw/wicket/agent/metrics"
 )
 
 func init() {
@@ -30,6 +31,7 @@ func runAgent(ctx context.Context, args []string) error {
 	drainTimeout := fs.Duration("drain-timeout", 0, "after a renewal, how long the previous session may keep its streams (0: until they end or its certificate expires)")
 	grace := fs.Duration("grace-period", 10*time.Second, "on SIGTERM, how long streams in flight may finish (new ones go to other agents of the same name)")
 	renewPeriod := fs.Duration("renew-period", 0, "renew the certificate every DUR instead of at about 2/3 of its lifetime (tests, demos); 0: off")
+	metricsListen := fs.String("metrics-listen", "", "HOST:PORT for Prometheus /metrics and the /healthz, /readyz probes (plain HTTP, no authentication: use loopback); empty = off")
 	logFormat, logLevel := logFlags(fs)
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -53,8 +55,22 @@ func runAgent(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	stats := &agent.Stats{}
+	stopMetrics := func() error { return nil }
+	if *metricsListen != "" {
+		ms, err := agentmetrics.Listen(*metricsListen, stats, logger.With("component", "metrics"))
+		if err != nil {
+			return err
+		}
+		logger.Info("metrics listening", "addr", ms.Addr().String())
+		mctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- ms.Serve(mctx) }()
+		stopMetrics = func() error { cancel(); return <-done }
+	}
 	// ctx ends on SIGINT/SIGTERM (main.go): the agent drains up to --grace-period and returns nil.
-	return agent.Run(ctx, agent.Config{
+	runErr := agent.Run(ctx, agent.Config{
+		Stats:        stats,
 		DataDir:      *dataDir,
 		Token:        tok,
 		Expose:       resources,
@@ -65,6 +81,10 @@ func runAgent(ctx context.Context, args []string) error {
 		Version:      versionString(),
 		Logger:       logger,
 	})
+	if err := stopMetrics(); err != nil && runErr == nil {
+		runErr = err
+	}
+	return runErr
 }
 
 // parseExpose turns NAME=HOST:PORT values into a map; agent.Run validates

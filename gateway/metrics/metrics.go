@@ -166,9 +166,14 @@ func sortedKeys[V any](m map[string]V) []string {
 // NewRegistry returns a registry of its own (never the global default) holding the gateway
 // collector and the Go runtime and process collectors.
 func NewRegistry(src Source) *prometheus.Registry {
+	return NewRuntimeRegistry(NewCollector(src))
+}
+
+// NewRuntimeRegistry returns a registry of its own holding cs and the Go runtime and
+// process collectors.
+func NewRuntimeRegistry(cs ...prometheus.Collector) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(NewCollector(src),
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(cs...)
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return reg
 }

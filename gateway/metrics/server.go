@@ -32,6 +32,13 @@ type Health struct {
 // and /readyz (200 when every readiness check of src passes, else 503 naming the failed
 // ones). Anything else is 404.
 func Handler(src Source, reg *prometheus.Registry, logger *slog.Logger) http.Handler {
+	return handler(reg, src.Ready, logger)
+}
+
+// ReadyFunc runs readiness checks; /readyz is 200 when all pass.
+type ReadyFunc func(ctx context.Context) []gateway.Check
+
+func handler(reg *prometheus.Registry, ready ReadyFunc, logger *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
@@ -45,7 +52,7 @@ func Handler(src Source, reg *prometheus.Registry, logger *slog.Logger) http.Han
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), readyTimeout)
 		defer cancel()
-		h := Health{Status: "ok", Checks: src.Ready(ctx)}
+		h := Health{Status: "ok", Checks: ready(ctx)}
 		for _, c := range h.Checks {
 			if !c.OK {
 				h.Failed = append(h.Failed, c.Name)
@@ -77,6 +84,12 @@ type Server struct {
 // Listen binds addr (host:port; port 0 picks one) for the metrics endpoint of src. A host
 // that is not a loopback address draws a warning: the endpoint has no authentication.
 func Listen(addr string, src Source, logger *slog.Logger) (*Server, error) {
+	return NewServer(addr, NewRegistry(src), src.Ready, logger)
+}
+
+// NewServer binds addr for /metrics from reg and the probes from ready; the agent's
+// endpoint uses it with a registry of its own.
+func NewServer(addr string, reg *prometheus.Registry, ready ReadyFunc, logger *slog.Logger) (*Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics listener on %s: %w", addr, err)
@@ -89,7 +102,7 @@ func Listen(addr string, src Source, logger *slog.Logger) (*Server, error) {
 		ln:  ln,
 		log: logger,
 		srv: &http.Server{
-			Handler:           Handler(src, NewRegistry(src), logger),
+			Handler:           handler(reg, ready, logger),
 			ReadHeaderTimeout: 5 * time.Second,
 			ReadTimeout:       10 * time.Second,
 			WriteTimeout:      30 * time.Second,
