@@ -62,7 +62,7 @@ func flagsOfArgs(args []string) []string {
 // TestExamples parses every file under examples/ (but the demo), checks that each wicket
 // flag they use exists in the real binary, that the config files are accepted by
 // --print-config, that the policy parses, that the systemd units are hardened, and that
-// every metric an alert rule uses is one a real gateway exports.
+// every metric an alert rule uses is one a real gateway or agent exports.
 func TestExamples(t *testing.T) {
 	t.Cleanup(func() { goleak.VerifyNone(t) })
 	h := NewHarness(t)
@@ -147,7 +147,8 @@ func TestExamples(t *testing.T) {
 
 	// The metric names the alerts use must be exported by a real gateway with an agent.
 	gw := h.StartGateway(GatewayOptions{Args: metricsArgs})
-	h.StartAgent(gw, "db1", "echo="+echoServer(t))
+	ag := h.StartAgentWith(gw.Token("agent", "db1"), h.Dir("agent-db1"), metricsArgs, "echo="+echoServer(t))
+	gw.WaitAgentOnline("db1", "echo")
 	// A refused handshake, so that the refusal counter has a series: a client speaking
 	// plain HTTP to the TLS port.
 	c, err := net.DialTimeout("tcp", gw.Addr, 10*time.Second)
@@ -166,6 +167,9 @@ func TestExamples(t *testing.T) {
 	})
 	exported := map[string]bool{"up": true} // Prometheus' own, per target
 	for f := range s.Families {
+		exported[f] = true
+	}
+	for f := range scrape(t, ag.WaitFor(`msg="metrics listening" addr=(\S+)`)[1]).Families {
 		exported[f] = true
 	}
 	metricName := regexp.MustCompile(`\b(wicket_[a-z0-9_]+|up)\b`)
