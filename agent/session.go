@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -63,19 +62,7 @@ func (s *session) close() {
 // hellos, and starts serving streams. The session is routable once this
 // returns: the gateway sends its hello only after registering the session.
 func (a *agent) dialSession(ctx context.Context) (*session, error) {
-	var (
-		usedMu sync.Mutex
-		used   *x509.Certificate
-	)
-	getCert := func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
-		c, err := a.renewer.GetClientCertificate(cri)
-		if err == nil {
-			usedMu.Lock()
-			used = c.Leaf
-			usedMu.Unlock()
-		}
-		return c, err
-	}
+	getCert, usedCert := a.renewer.RecordingClientCertificate()
 	tc := tunnel.ClientTLSConfig(tunnel.ALPNAgent, a.roots, a.host, getCert)
 	ts, err := tunnel.Dial(ctx, tunnel.DialConfig{Addr: a.addr, TLS: tc, Config: a.cfg.Tunnel})
 	if err != nil {
@@ -85,9 +72,7 @@ func (a *agent) dialSession(ctx context.Context) (*session, error) {
 		}
 		return nil, &sessionError{stage: st, err: err}
 	}
-	usedMu.Lock()
-	leaf := used
-	usedMu.Unlock()
+	leaf := usedCert()
 	if leaf == nil {
 		ts.Close()
 		return nil, &sessionError{stage: stageHello, err: errors.New("the gateway did not ask for the agent certificate")}

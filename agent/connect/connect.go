@@ -14,7 +14,6 @@ package connect
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -560,19 +559,7 @@ func (e *sessionError) Unwrap() error { return e.err }
 // accepted it with one ping (in TLS 1.3 a refused client certificate shows
 // only after the handshake).
 func (c *client) dial(ctx context.Context) (*session, error) {
-	var (
-		mu   sync.Mutex
-		used *x509.Certificate
-	)
-	getCert := func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
-		tc, err := c.renewer.GetClientCertificate(cri)
-		if err == nil {
-			mu.Lock()
-			used = tc.Leaf
-			mu.Unlock()
-		}
-		return tc, err
-	}
+	getCert, usedCert := c.renewer.RecordingClientCertificate()
 	tc := tunnel.ClientTLSConfig(tunnel.ALPNClient, c.roots, c.host, getCert)
 	ts, err := tunnel.Dial(ctx, tunnel.DialConfig{Addr: c.addr, TLS: tc, Config: c.cfg.Tunnel})
 	if err != nil {
@@ -602,9 +589,7 @@ func (c *client) dial(ctx context.Context) (*session, error) {
 		}
 		return nil, &sessionError{fmt.Errorf("session with the gateway at %s: %w", c.addr, err)}
 	}
-	mu.Lock()
-	leaf := used
-	mu.Unlock()
+	leaf := usedCert()
 	if leaf == nil {
 		ts.Close()
 		return nil, &sessionError{errors.New("the gateway did not ask for the user certificate")}

@@ -3,6 +3,7 @@ package identity
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -184,6 +185,33 @@ func (r *Renewer) RenewAtTime() time.Time { return r.cur.Load().renewAt }
 // connection presents the newest certificate.
 func (r *Renewer) GetClientCertificate(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 	return r.cur.Load().tls, nil
+}
+
+// RecordingClientCertificate returns a GetClientCertificate hook for one
+// connection and a function that reports which leaf that connection's
+// handshake presented (nil if the server never asked). A session needs the
+// exact certificate it runs on: a renewal may land between building the TLS
+// config and the handshake, and the session's expiry is that leaf's.
+func (r *Renewer) RecordingClientCertificate() (get func(*tls.CertificateRequestInfo) (*tls.Certificate, error), used func() *x509.Certificate) {
+	var (
+		mu   sync.Mutex
+		leaf *x509.Certificate
+	)
+	get = func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		c, err := r.GetClientCertificate(cri)
+		if err == nil {
+			mu.Lock()
+			leaf = c.Leaf
+			mu.Unlock()
+		}
+		return c, err
+	}
+	used = func() *x509.Certificate {
+		mu.Lock()
+		defer mu.Unlock()
+		return leaf
+	}
+	return get, used
 }
 
 // Updates delivers the credentials after each successful renewal. It holds
