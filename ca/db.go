@@ -125,6 +125,11 @@ func (d *authDB) init() error {
 	if err := d.CreateTable(issuedTable); err != nil {
 		return fmt.Errorf("create table %s: %w", issuedTable, err)
 	}
+	for _, t := range [][]byte{agentEABTableName, agentAccountTableName} {
+		if err := d.CreateTable(t); err != nil {
+			return fmt.Errorf("create table %s: %w", t, err)
+		}
+	}
 	list, err := d.GetRevokedCertificates()
 	if err != nil && !database.IsErrNotFound(err) {
 		return fmt.Errorf("load revoked certificates: %w", err)
