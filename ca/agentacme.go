@@ -47,6 +47,9 @@ type AgentACMEConfig struct {
 	// name outside the agents domain, a failed validation...), for the audit log. It
 	// must not block for long: it runs on the request.
 	OnRefusal func(AgentACMERefusal)
+	// OnIssued, if set, is called after an agent certificate was issued by ACME
+	// (enrollment or renewal), with its identity and serial (decimal).
+	OnIssued func(id Identity, serial string)
 }
 
 // AgentACMERefusal describes one refused agent ACME request. It carries no secret.

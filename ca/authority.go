@@ -117,6 +117,14 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 		return nil, err
 	}
 	adb.onRevoke = a.fireOnRevoke
+	if cfg.AgentACME != nil && cfg.AgentACME.OnIssued != nil {
+		onIssued := cfg.AgentACME.OnIssued
+		adb.onAgentACMEIssued = func(leaf *x509.Certificate) {
+			if id, err := ParseIdentity(leaf); err == nil {
+				onIssued(id, leaf.SerialNumber.String())
+			}
+		}
+	}
 
 	a.rootPool = x509.NewCertPool()
 	a.rootPool.AddCert(p.root)

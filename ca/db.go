@@ -56,6 +56,9 @@ type authDB struct {
 	mu       sync.RWMutex
 	revoked  map[string]struct{}
 	onRevoke func(serial string)
+
+	// onAgentACMEIssued is called after an agents-ACME certificate is stored.
+	onAgentACMEIssued func(leaf *x509.Certificate)
 }
 
 // openDB opens bbolt in dataDir or PostgreSQL at dsn.
@@ -233,7 +236,13 @@ func (d *authDB) StoreCertificateChain(p provisioner.Interface, chain ...*x509.C
 	if err != nil {
 		return err
 	}
-	return d.storeLeaf(leaf, b, idx)
+	if err := d.storeLeaf(leaf, b, idx); err != nil {
+		return err
+	}
+	if p != nil && p.GetName() == agentACMEProvisionerName && d.onAgentACMEIssued != nil {
+		d.onAgentACMEIssued(leaf)
+	}
+	return nil
 }
 
 // StoreRenewedCertificate is StoreCertificateChain for a renewal: the provisioner data
