@@ -35,9 +35,9 @@ const acmeBindHelloTimeout = 10 * time.Second
 const maxACMEBinds = 256
 
 type boundConn struct {
-	name  string
-	conn  *tls.Conn
-	stop  func() bool // cancels the expiry timer
+	name string
+	conn *tls.Conn
+	stop func() bool // cancels the expiry timer
 }
 
 // acmeBinds holds the bound connections, by ACME account ID.
