@@ -3,8 +3,10 @@ package ca
 import (
 	"context"
 	"crypto"
+	"crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -112,7 +114,13 @@ func (a *Authority) NewAgentEABKey(ctx context.Context, name string, ttl time.Du
 		return "", nil, time.Time{}, fmt.Errorf("create agent EAB key: lifetime %s is outside 0..%s", ttl, MaxTokenTTL)
 	}
 	expires = a.now().Add(ttl).Truncate(time.Second)
-	k, err := a.acmeDB.CreateExternalAccountKey(ctx, agentACMEProvisionerName, name)
+	// step-ca keeps one key per reference for ever (its reference index is
+	// insert-once), so each key gets its own: the name plus a random suffix.
+	var sfx [6]byte
+	if _, err := rand.Read(sfx[:]); err != nil {
+		return "", nil, time.Time{}, err
+	}
+	k, err := a.acmeDB.CreateExternalAccountKey(ctx, agentACMEProvisionerName, name+"."+hex.EncodeToString(sfx[:]))
 	if err != nil {
 		return "", nil, time.Time{}, fmt.Errorf("create agent EAB key for %s: %w", name, err)
 	}
@@ -144,7 +152,17 @@ func (a *Authority) AgentACMEAccountByKey(ctx context.Context, pub crypto.Public
 	if err != nil || eak == nil {
 		return AgentACMEAccount{}, fmt.Errorf("ACME account %s is not bound to an agent enrollment credential", acc.ID)
 	}
-	return AgentACMEAccount{ID: acc.ID, Name: eak.Reference}, nil
+	return AgentACMEAccount{ID: acc.ID, Name: agentOfEAB(eak)}, nil
+}
+
+// agentOfEAB is the agent name an agents EAB key was created for ("" if none): its
+// reference is "<name>.<random>" (names contain no dot).
+func agentOfEAB(eak *acme.ExternalAccountKey) string {
+	name, _, ok := strings.Cut(eak.Reference, ".")
+	if !ok || ValidName(name) != nil {
+		return ""
+	}
+	return name
 }
 
 // acmeDB restricts, per account, what step-ca's ACME server accepts for agents: an
@@ -186,11 +204,11 @@ func (d *acmeDB) GetExternalAccountKeyByAccountID(ctx context.Context, provision
 	if err != nil {
 		return nil, err
 	}
-	if ValidName(eak.Reference) != nil || eak.AccountID != accountID {
+	if agentOfEAB(eak) == "" || eak.AccountID != accountID {
 		return nil, acme.NewError(acme.ErrorUnauthorizedType, "EAB key %s does not bind account %s to an agent", eak.ID, accountID)
 	}
 	eak.Policy = &acme.Policy{X509: acme.X509Policy{
-		Allowed: acme.PolicyNames{DNSNames: []string{eak.Reference + "." + d.agentDomain}},
+		Allowed: acme.PolicyNames{DNSNames: []string{agentOfEAB(eak) + "." + d.agentDomain}},
 	}}
 	return eak, nil
 }
@@ -279,17 +297,17 @@ func (a *Authority) checkAgentEAB(ctx context.Context, kid string) (name string,
 		return "", ErrEABUnknown
 	}
 	if eak.AlreadyBound() {
-		return eak.Reference, ErrEABUsed
+		return agentOfEAB(eak), ErrEABUsed
 	}
 	v, err := a.db.Get(agentEABTableName, []byte(kid))
 	if err != nil {
-		return eak.Reference, ErrEABUnknown
+		return agentOfEAB(eak), ErrEABUnknown
 	}
 	exp, err := strconv.ParseInt(string(v), 10, 64)
 	if err != nil || !a.now().Before(time.Unix(exp, 0)) {
-		return eak.Reference, ErrEABExpired
+		return agentOfEAB(eak), ErrEABExpired
 	}
-	return eak.Reference, nil
+	return agentOfEAB(eak), nil
 }
 
 // agentNameOfAccount is the agent an account's EAB key names, for the audit ("" if none).
@@ -301,7 +319,7 @@ func (a *Authority) agentNameOfAccount(ctx context.Context, accountID string) st
 	if err != nil || eak == nil {
 		return ""
 	}
-	return eak.Reference
+	return agentOfEAB(eak)
 }
 
 // writeACMEProblem answers an ACME request with an RFC 8555 problem document.

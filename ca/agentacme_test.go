@@ -221,6 +221,12 @@ func TestAgentACMEEnrollAndHostile(t *testing.T) {
 	}
 	env.mu.Unlock()
 
+	// A second credential for the same name can be minted (re-enrollment after loss or
+	// expiry); it binds its own account.
+	if _, _, _, err := env.a.NewAgentEABKey(ctx, "db1", 0); err != nil {
+		t.Fatalf("second credential for db1: %v", err)
+	}
+
 	// 1. The EAB credential used twice: refused at once (no retry loop), audited.
 	{
 		cl := env.client(t)

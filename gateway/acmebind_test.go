@@ -11,9 +11,12 @@ import (
 	"encoding/json"
 	"errors"
 	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/crypto/acme"
 
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway/audit"
@@ -202,4 +205,100 @@ func TestACMEBindsOnlyForTheirAccountAndName(t *testing.T) {
 func sha256Sum(b []byte) []byte {
 	s := sha256.Sum256(b)
 	return s[:]
+}
+
+// TestACMEChallengeNotAnsweredByAnotherAccountsConnection: accounts A and B were both
+// registered with credentials for db1 (two credentials minted for the same name). A has
+// a bound validation connection waiting; B accepts its challenge without one. The CA
+// must not validate B through A's connection, even for the same name: B's validation
+// fails, is audited, nothing is issued, and A's connection is still waiting for A.
+func TestACMEChallengeNotAnsweredByAnotherAccountsConnection(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	register := func(name string) (*acme.Client, *ecdsa.PrivateKey) {
+		cred, err := tg.Authority().NewAgentACMECredential(ctx, name, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		pool := x509.NewCertPool()
+		pool.AddCert(tg.Authority().Root())
+		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13}}
+		t.Cleanup(tr.CloseIdleConnections)
+		cl := &acme.Client{Key: key, DirectoryURL: tg.Authority().AgentACMEDirectoryURL(), HTTPClient: &http.Client{Transport: tr}}
+		if _, err := cl.Register(ctx, &acme.Account{ExternalAccountBinding: &acme.ExternalAccountBinding{KID: cred.KeyID, Key: cred.HMAC}}, acme.AcceptTOS); err != nil {
+			t.Fatalf("register %s: %v", name, err)
+		}
+		return cl, key
+	}
+	_, keyA := register("db1")
+	clB, _ := register("db1")
+
+	// A's validation connection, bound, answering any tls-alpn-01 handshake with a
+	// certificate for B's challenge (the worst case: A knows B's token).
+	connA := dialACMEBind(t, tg)
+	defer connA.Close()
+	if err := sendBindHello(connA, keyA); err != nil {
+		t.Fatal(err)
+	}
+	var ans struct {
+		OK bool `json:"ok"`
+	}
+	if err := json.NewDecoder(connA).Decode(&ans); err != nil || !ans.OK {
+		t.Fatalf("bind A: %+v %v", ans, err)
+	}
+
+	nameB := tg.Authority().AgentACMEName("db1")
+	order, err := clB.AuthorizeOrder(ctx, acme.DomainIDs(nameB))
+	if err != nil {
+		t.Fatal(err)
+	}
+	z, err := clB.GetAuthorization(ctx, order.AuthzURLs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chal *acme.Challenge
+	for _, c := range z.Challenges {
+		if c.Type == "tls-alpn-01" {
+			chal = c
+		}
+	}
+	if chal == nil {
+		t.Fatal("no tls-alpn-01 challenge")
+	}
+	cert, err := clB.TLSALPN01ChallengeCert(chal.Token, nameB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() {
+		srv := tls.Server(connA, &tls.Config{NextProtos: []string{acme.ALPNProto}, Certificates: []tls.Certificate{cert}})
+		_ = srv.SetDeadline(time.Now().Add(20 * time.Second))
+		served <- srv.Handshake()
+	}()
+	got, err := clB.Accept(ctx, chal)
+	if err == nil && got.Error == nil && got.Status == acme.StatusValid {
+		t.Fatal("B's challenge was validated")
+	}
+	tg.waitAudit("refused validation for B", func(r audit.Record) bool {
+		return r.Type == audit.TypeAgentEnrolled && r.Outcome == audit.OutcomeDenied && r.Agent == "db1" &&
+			r.Extra["acme_action"] == "challenge"
+	})
+	if n := func() int { tg.acmeBinds.mu.Lock(); defer tg.acmeBinds.mu.Unlock(); return tg.acmeBinds.n }(); n != 1 {
+		t.Fatalf("%d bound connections waiting, want A's still there", n)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{DNSNames: []string{nameB}}, key)
+	ctx2, cancel2 := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel2()
+	if _, _, err := clB.CreateOrderCert(ctx2, order.FinalizeURL, csr, false); err == nil {
+		t.Fatal("certificate issued to B without a validation")
+	}
+	if got, _ := tg.Authority().Issued(ctx, ca.Identity{TrustDomain: tg.Authority().TrustDomain(), Role: ca.RoleAgent, Name: "db1"}); len(got) != 0 {
+		t.Fatalf("issued for db1: %v", got)
+	}
+	connA.Close()
+	<-served
 }
