@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/smallstep/certificates/acme"
+	"github.com/smallstep/nosql/database"
 	"go.step.sm/crypto/jose"
 )
 
@@ -369,4 +370,49 @@ func (c *agentValidationClient) TLSDial(_, addr string, cfg *tls.Config) (*tls.C
 		return nil, err
 	}
 	return conn, nil
+}
+
+// deactivateAgentACME deactivates every agents-ACME account of the agent whose
+// certificate serial was revoked, so that a revoked agent cannot get a new certificate
+// by a new ACME order (the token path's renewal presents the revoked certificate and is
+// refused; an ACME order presents none). Enrolling again needs a new credential.
+func (a *Authority) deactivateAgentACME(serial string) error {
+	if a.acmeDB == nil {
+		return nil
+	}
+	cert, err := a.db.GetCertificate(serial)
+	if err != nil {
+		return nil // not ours to know (step-ca refuses to revoke unknown serials)
+	}
+	id, err := ParseIdentity(cert)
+	if err != nil || id.Role != RoleAgent {
+		return nil
+	}
+	entries, err := a.db.List(agentAccountTableName)
+	if err != nil {
+		if database.IsErrNotFound(err) {
+			return nil
+		}
+		return err
+	}
+	ctx := context.Background()
+	for _, e := range entries {
+		eak, err := a.acmeDB.GetExternalAccountKey(ctx, agentACMEProvisionerName, string(e.Value))
+		if err != nil || agentOfEAB(eak) != id.Name {
+			continue
+		}
+		acc, err := a.acmeDB.GetAccount(ctx, string(e.Key))
+		if err != nil {
+			return fmt.Errorf("ACME account %s: %w", e.Key, err)
+		}
+		if acc.Status == acme.StatusDeactivated {
+			continue
+		}
+		acc.Status = acme.StatusDeactivated
+		if err := a.acmeDB.UpdateAccount(ctx, acc); err != nil {
+			return fmt.Errorf("deactivate ACME account %s: %w", e.Key, err)
+		}
+		a.cfg.Logger.Info("deactivated the ACME account of a revoked agent", "agent", id.Name, "acme_account", acc.ID)
+	}
+	return nil
 }

@@ -287,6 +287,28 @@ func TestAgentACMEEnrollAndHostile(t *testing.T) {
 		}
 	}
 
+	// 6. Revocation reaches the ACME path: once db1 is revoked, its account can order
+	// nothing more (an ACME order does not present the revoked certificate).
+	{
+		if _, err := env.a.RevokeIdentity(ctx, Identity{TrustDomain: td, Role: RoleAgent, Name: "db1"}, "test"); err != nil {
+			t.Fatal(err)
+		}
+		before, _ := env.a.Issued(ctx, Identity{TrustDomain: td, Role: RoleAgent, Name: "db1"})
+		ctx6, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := obtainAgent(ctx6, cl1, env.a.AgentACMEName("db1"), conn1)
+		cancel()
+		if err == nil {
+			t.Fatal("a revoked agent obtained a new certificate by ACME")
+		}
+		if _, err := env.a.AgentACMEAccountByKey(ctx, cl1.Key.Public()); err == nil {
+			t.Fatal("the revoked agent's ACME account can still bind a validation connection")
+		}
+		after, _ := env.a.Issued(ctx, Identity{TrustDomain: td, Role: RoleAgent, Name: "db1"})
+		if len(after) != len(before) {
+			t.Fatalf("issued %d certificates to db1 after its revocation", len(after)-len(before))
+		}
+	}
+
 	// 5. An expired enrollment credential: refused, audited, and the key stays unbound.
 	{
 		kid, hmac, exp, err := env.a.NewAgentEABKey(ctx, "db3", time.Minute)

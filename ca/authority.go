@@ -117,6 +117,9 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 		return nil, err
 	}
 	adb.onRevoke = a.fireOnRevoke
+	if cfg.AgentACME != nil {
+		adb.onRevokedAgentACME = a.deactivateAgentACME
+	}
 	if cfg.AgentACME != nil && cfg.AgentACME.OnIssued != nil {
 		onIssued := cfg.AgentACME.OnIssued
 		adb.onAgentACMEIssued = func(leaf *x509.Certificate) {

@@ -57,6 +57,9 @@ type authDB struct {
 	revoked  map[string]struct{}
 	onRevoke func(serial string)
 
+	// onRevokedAgentACME deactivates the ACME accounts of the agent whose
+	// certificate was just revoked.
+	onRevokedAgentACME func(serial string) error
 	// onAgentACMEIssued is called after an agents-ACME certificate is stored.
 	onAgentACMEIssued func(leaf *x509.Certificate)
 }
@@ -165,6 +168,11 @@ func (d *authDB) Revoke(rci *stepdb.RevokedCertificateInfo) error {
 	d.mu.Lock()
 	d.revoked[rci.Serial] = struct{}{}
 	d.mu.Unlock()
+	if err == nil && d.onRevokedAgentACME != nil {
+		if err := d.onRevokedAgentACME(rci.Serial); err != nil {
+			return fmt.Errorf("revoked %s, but could not deactivate the agent's ACME accounts: %w", rci.Serial, err)
+		}
+	}
 	if err == nil && d.onRevoke != nil {
 		d.onRevoke(rci.Serial)
 	}

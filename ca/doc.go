@@ -53,6 +53,10 @@
 //     ID spiffe://<td>/agent/<name> (plus the DNS name), client-auth EKU, agent lifetime:
 //     the same identity VerifyPeer accepts from the token path. Renewal is a new order of
 //     the same account, validated the same way.
+//  6. Revoking any certificate of agent N (Revoke, RevokeIdentity, HTTP /revoke)
+//     deactivates every agents-ACME account bound to N: an ACME order presents no
+//     certificate, so without this a revoked agent could simply order a new one. Coming
+//     back needs a new credential from the administrator.
 //
 // Why this holds: issuing for agent N needs (a) an account bound to an EAB key created
 // for N by the administrator — the key is single use, expires, and its HMAC is known only
