@@ -1,12 +1,32 @@
 package test
 
 import (
+	"encoding/base64"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
+
+// credentialExpiry reads exp from an ACME enrollment credential
+// ("wicket-acme-v1." + base64url JSON). The test package does not import ca: step-ca
+// would start glog's daemon goroutine in every test of this package.
+func credentialExpiry(t *testing.T, cred string) time.Time {
+	b, err := base64.RawURLEncoding.DecodeString(strings.TrimPrefix(cred, "wicket-acme-v1."))
+	var c struct {
+		Exp time.Time `json:"exp"`
+	}
+	if err == nil {
+		err = json.Unmarshal(b, &c)
+	}
+	if err != nil || c.Exp.IsZero() {
+		t.Fatalf("unreadable ACME credential: %v", err)
+	}
+	return c.Exp
+}
 
 // TestACMEAgent enrolls an agent by ACME with the real binaries
 // (`wicket token create agent NAME --acme`, `wicket agent --token`), carries
@@ -98,6 +118,30 @@ func TestACMEAgent(t *testing.T) {
 	if !agent.Running() {
 		t.Fatalf("first agent stopped:\n%s", agent.Output())
 	}
+	// A restart without the credential loads the identity and its ACME account key, and
+	// keeps renewing by ACME.
+	if err := agent.Stop(); err != nil {
+		t.Logf("agent stop: %v", err)
+	}
+	restarted := h.StartAgentWith("", agentDir, []string{"--renew-period", "2s"}, "echo="+echoServer(t))
+	gw.WaitAgentOnline("acme1", "echo")
+	eventually(t, "an ACME renewal after the restart", func() bool {
+		return strings.Contains(restarted.Output(), "certificate renewed")
+	})
+	if err := transfer(local, 1<<20); err != nil {
+		t.Fatalf("transfer after the restart: %v", err)
+	}
+
+	// An expired credential: refused before anything is sent (the CA refuses it too:
+	// gateway and ca tests), nothing issued.
+	expired := gw.Token("agent", "late", "--acme", "--ttl", "1s")
+	exp := credentialExpiry(t, expired)
+	eventually(t, "the credential to expire", func() bool { return time.Now().After(exp) })
+	late := h.StartAgentWith(expired, h.Dir("agent-late"), nil, "echo="+echoServer(t))
+	if err := late.Exited(); err == nil || !strings.Contains(late.Output(), "expired") {
+		t.Fatalf("agent with an expired ACME credential: %v\n%s", err, late.Output())
+	}
+
 	// A user cannot get an ACME credential.
 	if _, _, err := gw.Admin("token", "create", "user", "bob", "--acme"); err == nil {
 		t.Fatal("token create user --acme succeeded")
