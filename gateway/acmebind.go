@@ -42,10 +42,11 @@ type boundConn struct {
 
 // acmeBinds holds the bound connections, by ACME account ID.
 type acmeBinds struct {
-	mu     sync.Mutex
-	n      int
-	m      map[string][]*boundConn
-	closed bool
+	mu      sync.Mutex
+	n       int
+	pending int // connections still sending their bind proof
+	m       map[string][]*boundConn
+	closed  bool
 }
 
 func (b *acmeBinds) add(account string, bc *boundConn) error {
@@ -63,6 +64,26 @@ func (b *acmeBinds) add(account string, bc *boundConn) error {
 	b.m[account] = append(b.m[account], bc)
 	b.n++
 	return nil
+}
+
+// maxACMEBindPending caps connections without a certificate that are still sending
+// their bind proof (each for at most acmeBindHelloTimeout).
+const maxACMEBindPending = 64
+
+func (b *acmeBinds) startPending() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.pending >= maxACMEBindPending {
+		return false
+	}
+	b.pending++
+	return true
+}
+
+func (b *acmeBinds) endPending() {
+	b.mu.Lock()
+	b.pending--
+	b.mu.Unlock()
 }
 
 // take removes and returns the oldest connection bound to account for name.
@@ -119,7 +140,16 @@ func (b *acmeBinds) closeAll() {
 // a valid agents-ACME account, keeps the connection for that account's validation.
 func (g *Gateway) serveACMEBind(conn *tls.Conn, remote string) {
 	_ = conn.SetDeadline(time.Now().Add(acmeBindHelloTimeout))
-	acc, err := g.readACMEBind(conn)
+	var (
+		acc ca.AgentACMEAccount
+		err error
+	)
+	if g.acmeBinds.startPending() {
+		acc, err = g.readACMEBind(conn)
+		g.acmeBinds.endPending()
+	} else {
+		err = errors.New("too many ACME validation connections being opened; retry")
+	}
 	rec := audit.Record{Type: audit.TypeACMEBind, Remote: remote, Outcome: audit.OutcomeOK,
 		Extra: map[string]string{"acme_account": acc.ID}}
 	rec.SetTLS(conn.ConnectionState())
