@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"net"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -341,5 +342,25 @@ func TestAgentACMEDisabledByDefault(t *testing.T) {
 	e := startEnv(t, t.TempDir(), "", nil)
 	if _, _, _, err := e.a.NewAgentEABKey(context.Background(), "db1", 0); err == nil {
 		t.Fatal("NewAgentEABKey with agent ACME disabled")
+	}
+}
+
+// With only agent ACME on, the public-names ACME directory stays off.
+func TestAgentACMEOnlyKeepsPublicACMEOff(t *testing.T) {
+	env := newAgentACMEEnv(t)
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: env.a.RootPool()}}
+	defer tr.CloseIdleConnections()
+	for url, want := range map[string]int{env.a.ACMEDirectoryURL(): http.StatusNotFound, env.a.AgentACMEDirectoryURL(): http.StatusOK} {
+		resp, err := (&http.Client{Transport: tr}).Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("%s: HTTP %d, want %d", url, resp.StatusCode, want)
+		}
+	}
+	if _, _, err := env.a.NewEABKey(context.Background(), "x"); err == nil {
+		t.Error("NewEABKey for public ACME while it is off")
 	}
 }
