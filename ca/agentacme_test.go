@@ -69,9 +69,11 @@ type agentACMEEnv struct {
 	offset   atomic.Int64 // clock offset, ns
 }
 
-func newAgentACMEEnv(t *testing.T) *agentACMEEnv {
+func newAgentACMEEnv(t *testing.T) *agentACMEEnv { return newAgentACMEEnvDB(t, "") }
+
+func newAgentACMEEnvDB(t *testing.T, dsn string) *agentACMEEnv {
 	env := &agentACMEEnv{bound: map[string]*alpnResponder{}}
-	env.testEnv = startEnv(t, t.TempDir(), "", func(c *Config) {
+	env.testEnv = startEnv(t, t.TempDir(), dsn, func(c *Config) {
 		c.Now = func() time.Time { return time.Now().Add(time.Duration(env.offset.Load())) }
 		c.AgentACME = &AgentACMEConfig{
 			Dial: func(ctx context.Context, name, accountID string) (net.Conn, error) {
@@ -180,7 +182,11 @@ func obtainAgent(ctx context.Context, cl *acme.Client, name string, answer *alpn
 }
 
 func TestAgentACMEEnrollAndHostile(t *testing.T) {
-	env := newAgentACMEEnv(t)
+	forEachDB(t, testAgentACMEEnrollAndHostile)
+}
+
+func testAgentACMEEnrollAndHostile(t *testing.T, dsn string) {
+	env := newAgentACMEEnvDB(t, dsn)
 	ctx := ctx10s(t)
 	td := env.a.cfg.TrustDomain
 
@@ -362,5 +368,53 @@ func TestAgentACMEOnlyKeepsPublicACMEOff(t *testing.T) {
 	}
 	if _, _, err := env.a.NewEABKey(context.Background(), "x"); err == nil {
 		t.Error("NewEABKey for public ACME while it is off")
+	}
+}
+
+// TestAgentEABSingleUseConcurrent: one credential sent by 10 clients at once binds
+// exactly one account that can order; every other client ends up refused.
+func TestAgentEABSingleUseConcurrent(t *testing.T) {
+	forEachDB(t, testAgentEABSingleUseConcurrent)
+}
+
+func testAgentEABSingleUseConcurrent(t *testing.T, dsn string) {
+	env := newAgentACMEEnvDB(t, dsn)
+	ctx := ctx10s(t)
+	kid, hmac, _, err := env.a.NewAgentEABKey(ctx, "race", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 10
+	clients := make([]*acme.Client, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range clients {
+		clients[i] = env.client(t)
+		wg.Go(func() {
+			c, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			_, errs[i] = clients[i].Register(c, &acme.Account{ExternalAccountBinding: &acme.ExternalAccountBinding{KID: kid, Key: hmac}}, acme.AcceptTOS)
+		})
+	}
+	wg.Wait()
+	bound := 0
+	for i, cl := range clients {
+		if _, err := env.a.AgentACMEAccountByKey(ctx, cl.Key.Public()); err == nil {
+			bound++
+			if errs[i] != nil {
+				t.Errorf("client %d is bound but was told %v", i, errs[i])
+			}
+		} else if errs[i] == nil {
+			// An account created while losing the binding race: it may exist, but it
+			// must not be able to order.
+			c, cancel := context.WithTimeout(ctx, 3*time.Second)
+			if _, err := cl.AuthorizeOrder(c, acme.DomainIDs(env.a.AgentACMEName("race"))); err == nil {
+				t.Errorf("client %d has an unbound account that can order", i)
+			}
+			cancel()
+		}
+	}
+	if bound != 1 {
+		t.Fatalf("%d accounts bound with one credential, want exactly 1 (errors %v)", bound, errs)
 	}
 }
