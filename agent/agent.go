@@ -14,6 +14,7 @@ package agent
 
 import (
 	"context"
+	"crypto"
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/hex"
@@ -87,6 +88,11 @@ type Config struct {
 	// Enroll and Renew talk to the CA. Defaults ca.Enroll and ca.Renew.
 	Enroll func(ctx context.Context, token string) (*ca.Credentials, error)
 	Renew  func(ctx context.Context, baseURL string, cur *ca.Credentials) (*ca.Credentials, error)
+	// EnrollACME and RenewACME enroll and renew by ACME, for a Token that is an ACME
+	// enrollment credential (`wicket token create agent NAME --acme`) and the
+	// identity it enrolled. Defaults ca.EnrollACME and ca.RenewACME.
+	EnrollACME func(ctx context.Context, cred ca.ACMECredential) (*ca.Credentials, crypto.Signer, error)
+	RenewACME  func(ctx context.Context, baseURL string, accountKey crypto.Signer, cur *ca.Credentials) (*ca.Credentials, error)
 	// Stats, when set, receives the agent's counters (for metrics). Default nil: a private
 	// one nobody reads.
 	Stats *Stats
@@ -147,6 +153,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Enroll == nil {
 		c.Enroll = ca.Enroll
+	}
+	if c.EnrollACME == nil {
+		c.EnrollACME = ca.EnrollACME
+	}
+	if c.RenewACME == nil {
+		c.RenewACME = ca.RenewACME
 	}
 	if c.Renew == nil {
 		c.Renew = ca.Renew
@@ -213,6 +225,12 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 		cfg.Stats = &Stats{}
 	}
 	stats, renew := cfg.Stats, cfg.Renew
+	if stored.ACME {
+		accountKey, renewACME := stored.ACMEAccountKey, cfg.RenewACME
+		renew = func(ctx context.Context, baseURL string, cur *ca.Credentials) (*ca.Credentials, error) {
+			return renewACME(ctx, baseURL, accountKey, cur)
+		}
+	}
 	stats.setCertExpires(stored.Creds.Chain[0].NotAfter)
 	countedRenew := func(ctx context.Context, baseURL string, cur *ca.Credentials) (*ca.Credentials, error) {
 		c, err := renew(ctx, baseURL, cur)

@@ -31,6 +31,9 @@ func obtainIdentity(ctx context.Context, cfg *Config) (*identity.Stored, error) 
 		return s, nil
 	}
 
+	if ca.IsACMECredential(cfg.Token) {
+		return obtainIdentityACME(ctx, cfg)
+	}
 	info, err := ca.InspectToken(cfg.Token)
 	if err != nil {
 		return nil, fmt.Errorf("the token cannot be used: %w", err)
@@ -110,4 +113,73 @@ func checkAgentRole(s *identity.Stored, dir string) error {
 		return fmt.Errorf("%s holds the identity of %s %s, not of an agent: use the agent's own --data-dir", dir, s.Role, s.Name)
 	}
 	return nil
+}
+
+// obtainIdentityACME is obtainIdentity for an ACME enrollment credential: the same
+// rules for an identity already in the data directory, then enrollment by ACME
+// (ca.EnrollACME), whose account key is stored for renewals.
+func obtainIdentityACME(ctx context.Context, cfg *Config) (*identity.Stored, error) {
+	log, dir, now := cfg.Logger, cfg.DataDir, cfg.Now()
+	cred, err := ca.ParseACMECredential(cfg.Token)
+	if err != nil {
+		return nil, fmt.Errorf("the ACME enrollment credential cannot be used: %w", err)
+	}
+	name, hash := cred.Name, identity.TokenHash(cfg.Token)
+	var stored *identity.Stored
+	exists, err := identity.Exists(dir)
+	if err != nil {
+		return nil, err
+	}
+	if exists {
+		s, err := identity.Load(dir)
+		switch {
+		case errors.Is(err, identity.ErrCorrupt):
+			log.Warn("the stored identity is unreadable; enrolling again replaces it", "dir", dir, "err", err)
+		case err != nil:
+			return nil, err
+		default:
+			if s.Role != ca.RoleAgent || s.Name != name || s.URL != cred.URL || s.TrustDomain != cred.TrustDomain {
+				return nil, fmt.Errorf("%s already holds the identity of %s %s at %s, but the credential is for agent %s at %s: use another --data-dir, or delete %s to replace it",
+					dir, s.Role, s.Name, s.URL, name, cred.URL, dir)
+			}
+			valid := identity.CheckValid(s, now) == nil
+			if s.TokenSHA256 == hash {
+				if !valid {
+					return nil, identity.CheckValid(s, now)
+				}
+				log.Info("this credential already enrolled the stored identity; using it", "dir", dir, "agent", name)
+				return s, nil
+			}
+			if valid && now.After(cred.Expiry) {
+				log.Warn("the ACME enrollment credential has expired; using the stored identity, which is still valid", "dir", dir, "agent", name)
+				return s, nil
+			}
+			if valid {
+				stored = s
+			}
+		}
+	}
+	log.Info("enrolling by ACME", "agent", name, "gateway", cred.URL)
+	creds, accountKey, err := cfg.EnrollACME(ctx, cred)
+	if err != nil {
+		if stored != nil && (errors.Is(err, ca.ErrEABUsed) || errors.Is(err, ca.ErrEABExpired)) {
+			log.Warn("the credential cannot enroll again; using the stored identity, which is still valid", "agent", name, "err", err)
+			return stored, nil
+		}
+		return nil, fmt.Errorf("enroll agent %s by ACME with the gateway at %s: %w", name, cred.URL, err)
+	}
+	s := &identity.Stored{
+		Meta: identity.Meta{
+			URL: cred.URL, Role: ca.RoleAgent, Name: name, TrustDomain: cred.TrustDomain,
+			TokenSHA256: hash, Enrolled: now.UTC(), ACME: true,
+		},
+		Creds:          creds,
+		ACMEAccountKey: accountKey,
+	}
+	if err := identity.Save(dir, s); err != nil {
+		return nil, fmt.Errorf("enrolled agent %s but could not store its identity: %w", name, err)
+	}
+	log.Info("enrolled by ACME", "agent", name, "dir", dir, "serial", creds.Chain[0].SerialNumber.String(),
+		"cert_expires", creds.Chain[0].NotAfter.UTC())
+	return s, nil
 }

@@ -46,7 +46,7 @@ type Authority struct {
 	rootFP    string
 	handler   http.Handler
 
-	acmeDB     *acmeNoSQL.DB
+	acmeDB     *acmeDB
 	acmeClient *validationClient
 
 	gwCert atomic.Pointer[tls.Certificate]
@@ -117,6 +117,17 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 		return nil, err
 	}
 	adb.onRevoke = a.fireOnRevoke
+	if cfg.AgentACME != nil {
+		adb.onRevokedAgentACME = a.deactivateAgentACME
+	}
+	if cfg.AgentACME != nil && cfg.AgentACME.OnIssued != nil {
+		onIssued := cfg.AgentACME.OnIssued
+		adb.onAgentACMEIssued = func(leaf *x509.Certificate) {
+			if id, err := ParseIdentity(leaf); err == nil {
+				onIssued(id, leaf.SerialNumber.String())
+			}
+		}
+	}
 
 	a.rootPool = x509.NewCertPool()
 	a.rootPool.AddCert(p.root)
@@ -151,10 +162,12 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 	if err != nil {
 		return nil, fmt.Errorf("start step-ca authority: %w", err)
 	}
-	if len(cfg.ACME.AllowedNames) > 0 {
-		if a.acmeDB, err = acmeNoSQL.New(adb); err != nil {
+	if len(cfg.ACME.AllowedNames) > 0 || cfg.AgentACME != nil {
+		ndb, err := acmeNoSQL.New(adb)
+		if err != nil {
 			return nil, fmt.Errorf("open ACME database: %w", err)
 		}
+		a.acmeDB = &acmeDB{DB: ndb, kv: adb, agentDomain: a.AgentACMEDomain()}
 		a.acmeClient = newValidationClient(cfg.ACME)
 	}
 	a.handler = a.buildHandler()
@@ -247,6 +260,27 @@ func (a *Authority) provisioners() (provisioner.List, map[string]*ecdsa.PublicKe
 			},
 			Options: &provisioner.Options{X509: &provisioner.X509Options{
 				AllowedNames: &policy.X509NameOptions{DNSDomains: a.cfg.ACME.AllowedNames},
+			}},
+		})
+	}
+	if a.cfg.AgentACME != nil {
+		list = append(list, &provisioner.ACME{
+			ID:         agentACMEProvisionerName,
+			Type:       provisioner.TypeACME.String(),
+			Name:       agentACMEProvisionerName,
+			RequireEAB: true,
+			Challenges: []provisioner.ACMEChallenge{provisioner.TLS_ALPN_01},
+			Claims: &provisioner.Claims{
+				MinTLSDur:     &provisioner.Duration{Duration: MinLifetime},
+				MaxTLSDur:     &provisioner.Duration{Duration: a.cfg.AgentLifetime},
+				DefaultTLSDur: &provisioner.Duration{Duration: a.cfg.AgentLifetime},
+			},
+			Options: &provisioner.Options{X509: &provisioner.X509Options{
+				Template: a.agentTemplate(),
+				AllowedNames: &policy.X509NameOptions{
+					DNSDomains: []string{"*." + a.AgentACMEDomain()},
+					URIDomains: []string{a.cfg.TrustDomain},
+				},
 			}},
 		})
 	}
@@ -654,7 +688,7 @@ const minRenewInterval = 30 * time.Second
 // NewEABKey creates an ACME External Account Binding key bound to name (stored as the
 // key's reference). Give keyID and hmacKey to the ACME client out of band.
 func (a *Authority) NewEABKey(ctx context.Context, name string) (keyID string, hmacKey []byte, err error) {
-	if a.acmeDB == nil {
+	if len(a.cfg.ACME.AllowedNames) == 0 {
 		return "", nil, errors.New("create EAB key: ACME is disabled (no allowed names configured)")
 	}
 	if err := ValidName(name); err != nil {

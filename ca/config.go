@@ -71,6 +71,10 @@ type Config struct {
 	GatewayLifetime time.Duration
 	// ACME configures the ACME server at /acme/acme/directory.
 	ACME ACMEConfig
+	// AgentACME, if set, enables enrollment of agents by ACME at
+	// /acme/agents/directory (EAB required, tls-alpn-01 through the agent's own
+	// connection). nil (the default) disables it.
+	AgentACME *AgentACMEConfig
 	// Logger receives operational messages (never a key, password or token).
 	// Default: discard.
 	Logger *slog.Logger
@@ -167,6 +171,9 @@ func (c *Config) setDefaults() error {
 		if n == "" || n == "*" || strings.Contains(strings.TrimPrefix(n, "*."), "*") {
 			return fmt.Errorf("ca: ACME allowed name %q must be a DNS name or *.suffix", n)
 		}
+	}
+	if c.AgentACME != nil && c.AgentACME.Dial == nil {
+		return errors.New("ca: AgentACME.Dial is required to enable agent enrollment by ACME")
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

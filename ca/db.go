@@ -56,6 +56,12 @@ type authDB struct {
 	mu       sync.RWMutex
 	revoked  map[string]struct{}
 	onRevoke func(serial string)
+
+	// onRevokedAgentACME deactivates the ACME accounts of the agent whose
+	// certificate was just revoked.
+	onRevokedAgentACME func(serial string) error
+	// onAgentACMEIssued is called after an agents-ACME certificate is stored.
+	onAgentACMEIssued func(leaf *x509.Certificate)
 }
 
 // openDB opens bbolt in dataDir or PostgreSQL at dsn.
@@ -125,6 +131,11 @@ func (d *authDB) init() error {
 	if err := d.CreateTable(issuedTable); err != nil {
 		return fmt.Errorf("create table %s: %w", issuedTable, err)
 	}
+	for _, t := range [][]byte{agentEABTableName, agentAccountTableName} {
+		if err := d.CreateTable(t); err != nil {
+			return fmt.Errorf("create table %s: %w", t, err)
+		}
+	}
 	list, err := d.GetRevokedCertificates()
 	if err != nil && !database.IsErrNotFound(err) {
 		return fmt.Errorf("load revoked certificates: %w", err)
@@ -157,6 +168,11 @@ func (d *authDB) Revoke(rci *stepdb.RevokedCertificateInfo) error {
 	d.mu.Lock()
 	d.revoked[rci.Serial] = struct{}{}
 	d.mu.Unlock()
+	if err == nil && d.onRevokedAgentACME != nil {
+		if err := d.onRevokedAgentACME(rci.Serial); err != nil {
+			return fmt.Errorf("revoked %s, but could not deactivate the agent's ACME accounts: %w", rci.Serial, err)
+		}
+	}
 	if err == nil && d.onRevoke != nil {
 		d.onRevoke(rci.Serial)
 	}
@@ -228,7 +244,13 @@ func (d *authDB) StoreCertificateChain(p provisioner.Interface, chain ...*x509.C
 	if err != nil {
 		return err
 	}
-	return d.storeLeaf(leaf, b, idx)
+	if err := d.storeLeaf(leaf, b, idx); err != nil {
+		return err
+	}
+	if p != nil && p.GetName() == agentACMEProvisionerName && d.onAgentACMEIssued != nil {
+		d.onAgentACMEIssued(leaf)
+	}
+	return nil
 }
 
 // StoreRenewedCertificate is StoreCertificateChain for a renewal: the provisioner data

@@ -19,8 +19,52 @@
 //     renewed in-process at about 2/3 of its lifetime, served by GetCertificate.
 //   - The ACME provisioner "acme" (/acme/acme/directory) restricted to an allow-list of
 //     names, with optional External Account Binding (NewEABKey).
-//   - Client helpers for agents and users (InspectToken, Enroll, Renew), so that no other
-//     package imports step-ca.
+//   - Client helpers for agents and users (InspectToken, Enroll, Renew, EnrollACME,
+//     RenewACME), so that no other package imports step-ca.
+//   - Agent enrollment and renewal by ACME, at /acme/agents/directory (Config.AgentACME).
+//
+// Agents by ACME. An agent only dials out, so no validator can reach it. The flow:
+//
+//  1. The administrator mints an ACMECredential (NewAgentACMECredential): the gateway
+//     URL, the root fingerprint, the agent name and a fresh External Account Binding key
+//     created for that name (NewAgentEABKey), with an expiry kept in our own table.
+//  2. The agent pins the root and registers an account on the "agents" ACME provisioner
+//     (EAB required). Before step-ca binds the key, the guard refuses an unknown, already
+//     bound or expired key with a precise 401 (step-ca would answer a reused key with a
+//     500 that ACME clients retry). step-ca binds the key to the account once (CAS in
+//     the database); we record account -> key, because step's nosql store cannot look a
+//     key up by account.
+//  3. The agent orders <name>.agents.<td>. At new-order step-ca evaluates the account's
+//     policy, which we derive from the key's name (acmeDB.GetExternalAccountKeyByAccountID):
+//     exactly that one DNS name, no wildcard. An account bound to agent A cannot order
+//     B's name, two names, or anything outside the agents domain; the provisioner's
+//     policy also allows only *.agents.<td> (and, for the issued certificate, SPIFFE IDs
+//     of the trust domain).
+//  4. Only tls-alpn-01 is offered. The agent opens a TLS 1.3 connection to the gateway on
+//     ACMEBindALPN and signs this TLS session's exporter with its ACME account key; the
+//     gateway (ReadACMEBind, AgentACMEAccountByKey) keeps the connection bound to that
+//     account and the name its key was created for. When the account POSTs its challenge,
+//     step-ca verifies the JWS and that the account owns the challenge; the guard has put
+//     that account's ID into a per-request validation client, which asks
+//     AgentACMEConfig.Dial for a connection to the name FOR THAT ACCOUNT. The gateway hands
+//     out only a connection bound to exactly that account and name, once. A connection
+//     bound to another account, or none, is never used: the validation fails.
+//  5. At finalize the "agents" template turns the one validated DNS name into the SPIFFE
+//     ID spiffe://<td>/agent/<name> (plus the DNS name), client-auth EKU, agent lifetime:
+//     the same identity VerifyPeer accepts from the token path. Renewal is a new order of
+//     the same account, validated the same way.
+//  6. Revoking any certificate of agent N (Revoke, RevokeIdentity, HTTP /revoke)
+//     deactivates every agents-ACME account bound to N: an ACME order presents no
+//     certificate, so without this a revoked agent could simply order a new one. Coming
+//     back needs a new credential from the administrator.
+//
+// Why this holds: issuing for agent N needs (a) an account bound to an EAB key created
+// for N by the administrator — the key is single use, expires, and its HMAC is known only
+// to the credential's holder — and (b) a validation answered on a connection whose holder
+// proved possession of that account's private key. Someone holding another agent's
+// account gets neither the order (policy) nor the connection (binding). The refusals are
+// reported through AgentACMEConfig.OnRefusal, issuances through OnIssued, for the audit.
+// The separate "acme" provisioner for public names can never mint a Wicket identity.
 //
 // Single use of tokens. step-ca records a token's jti in its used_ott table
 // (compare-and-swap) before signing. Two things are fixed here:

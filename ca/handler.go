@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/smallstep/certificates/acme"
@@ -56,6 +57,12 @@ func (g *guard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	r = r.WithContext(ctx)
 
+	if g.a.cfg.AgentACME != nil && r.Method == http.MethodPost &&
+		strings.HasPrefix(r.URL.Path, "/acme/"+agentACMEProvisionerName+"/") {
+		g.serveAgentACME(w, r)
+		return
+	}
+
 	switch r.URL.Path {
 	case "/renew", "/1.0/renew", "/rekey", "/1.0/rekey", "/re-sign", "/1.0/re-sign":
 		if r.Method == http.MethodPost && !g.checkRenewal(w, r) {
@@ -68,6 +75,70 @@ func (g *guard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	g.next.ServeHTTP(w, r)
+}
+
+// serveAgentACME reads (unverified) which account or EAB key a POST to the agents
+// ACME endpoints claims, refuses an unknown, used or expired enrollment credential
+// with a precise problem, routes challenge validation to the connection bound to that
+// account (step-ca verifies the JWS and the account's ownership of the challenge
+// before validating), and reports every refusal to AgentACME.OnRefusal.
+func (g *guard) serveAgentACME(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		writeACMEProblem(w, http.StatusRequestEntityTooLarge, "malformed", errors.New("request body too large"))
+		return
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	req := parseAgentACMERequest(r.URL.Path, body)
+	ctx := r.Context()
+	refuse := func(status int, name, reason string) {
+		if f := g.a.cfg.AgentACME.OnRefusal; f != nil {
+			f(AgentACMERefusal{Action: req.action, Name: name, AccountID: req.accountID, Status: status, Reason: reason})
+		}
+	}
+	if req.action == "new-account" {
+		if name, err := g.a.checkAgentEAB(ctx, req.eabKID); err != nil {
+			writeACMEProblem(w, http.StatusUnauthorized, "unauthorized", err)
+			refuse(http.StatusUnauthorized, name, err.Error())
+			return
+		}
+	}
+	if req.action == "challenge" {
+		vc := &agentValidationClient{dial: g.a.cfg.AgentACME.Dial, domain: g.a.AgentACMEDomain(), accountID: req.accountID}
+		ctx = acme.NewContext(ctx, g.a.acmeDB, vc, acme.MustLinkerFromContext(g.base), nil)
+		r = r.WithContext(ctx)
+	}
+	rec := &bufferedWriter{header: http.Header{}, status: http.StatusOK}
+	g.next.ServeHTTP(rec, r)
+	status := rec.status
+	reason := ""
+	if status < 400 && req.action == "challenge" {
+		// step-ca answers a failed validation with 200 and the challenge's error.
+		var ch struct {
+			Status string `json:"status"`
+			Error  *struct {
+				Detail string `json:"detail"`
+			} `json:"error"`
+		}
+		if json.Unmarshal(rec.body.Bytes(), &ch) == nil && ch.Error != nil {
+			reason = ch.Error.Detail
+		}
+	} else if status >= 400 {
+		var p struct {
+			Detail string `json:"detail"`
+		}
+		_ = json.Unmarshal(rec.body.Bytes(), &p)
+		reason = p.Detail
+	}
+	if reason != "" || status >= 400 {
+		name := g.a.agentNameOfAccount(ctx, req.accountID)
+		refuse(status, name, reason)
+	}
+	for k, v := range rec.header {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(status)
+	_, _ = w.Write(rec.body.Bytes())
 }
 
 // checkRenewal refuses a renewal whose client certificate does not chain to our root,

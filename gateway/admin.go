@@ -22,6 +22,9 @@ type TokenRequest struct {
 	Role string `json:"role"` // "agent" or "user"
 	Name string `json:"name"`
 	TTL  string `json:"ttl,omitempty"` // Go duration; "" means 15m
+	// ACME asks, for an agent, for an ACME enrollment credential (an External Account
+	// Binding key bound to the name) instead of a JWT bootstrap token.
+	ACME bool `json:"acme,omitempty"`
 }
 
 // TokenResponse is the answer of POST /v1/tokens.
@@ -90,13 +93,32 @@ func (g *Gateway) adminToken(w http.ResponseWriter, r *http.Request) {
 		}
 		ttl = d
 	}
-	tok, err := g.authority.MintToken(role, req.Name, ttl)
+	var (
+		tok   string
+		err   error
+		extra = map[string]string{"ttl": effectiveTTL(ttl).String(), "via": "admin.sock"}
+	)
+	if req.ACME {
+		if role != ca.RoleAgent {
+			writeError(w, http.StatusBadRequest, "--acme enrollment credentials are for agents only")
+			return
+		}
+		var cred ca.ACMECredential
+		cred, err = g.authority.NewAgentACMECredential(r.Context(), req.Name, ttl)
+		if err == nil {
+			tok = cred.String()
+			// The key id identifies the credential in later records; the HMAC is the secret.
+			extra["kind"], extra["eab_kid"] = "acme", cred.KeyID
+		}
+	} else {
+		tok, err = g.authority.MintToken(role, req.Name, ttl)
+	}
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "could not mint the token: "+err.Error())
 		return
 	}
 	id := ca.Identity{TrustDomain: g.authority.TrustDomain(), Role: role, Name: req.Name}
-	rec := audit.Record{Type: audit.TypeTokenCreated, Outcome: "ok", Extra: map[string]string{"ttl": effectiveTTL(ttl).String(), "via": "admin.sock"}}
+	rec := audit.Record{Type: audit.TypeTokenCreated, Outcome: "ok", Extra: extra}
 	setIdentity(&rec, id)
 	g.record(rec)
 	g.log.Info("token created", "identity", id.String(), "ttl", effectiveTTL(ttl).String())

@@ -69,6 +69,20 @@ func (c *AdminClient) CreateToken(ctx context.Context, role ca.Role, name string
 	return resp.Token, nil
 }
 
+// CreateACMECredential creates a one-time ACME enrollment credential (an EAB key bound
+// to agent name, the gateway URL and root fingerprint); ttl 0 means 15 minutes.
+func (c *AdminClient) CreateACMECredential(ctx context.Context, name string, ttl time.Duration) (string, error) {
+	req := TokenRequest{Role: string(ca.RoleAgent), Name: name, ACME: true}
+	if ttl != 0 {
+		req.TTL = ttl.String()
+	}
+	var resp TokenResponse
+	if err := c.do(ctx, http.MethodPost, "/v1/tokens", req, &resp); err != nil {
+		return "", err
+	}
+	return resp.Token, nil
+}
+
 // Agents lists the agents the gateway knows.
 func (c *AdminClient) Agents(ctx context.Context) ([]AgentInfo, error) {
 	var out []AgentInfo

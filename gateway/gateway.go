@@ -77,9 +77,11 @@ type Gateway struct {
 	admin   *http.Server
 
 	registry *Registry
-	peers    *peerIndex
-	sessions *sessionTable
-	counters counters
+	// acmeBinds holds agents' ACME validation connections (acmebind.go).
+	acmeBinds acmeBinds
+	peers     *peerIndex
+	sessions  *sessionTable
+	counters  counters
 
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
@@ -185,6 +187,9 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		Now:           cfg.Clock.Now,
 		OnRevoke:      g.onRevoke,
 		ACME:          ca.ACMEConfig{AllowedNames: acmeAllowed, DialContext: g.validationDialer(published)},
+		AgentACME: &ca.AgentACMEConfig{
+			Dial: g.acmeDial, OnRefusal: g.onAgentACMERefusal, OnIssued: g.onAgentACMEIssued,
+		},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("start the certificate authority: %w", err)
@@ -365,6 +370,7 @@ func (g *Gateway) Close() error {
 			_ = g.public.Close()
 		}
 		g.peers.closeAll(reasonShutdown)
+		g.acmeBinds.closeAll()
 		_ = g.httpSrv.Close()
 		_ = g.httpLn.Close()
 		_ = g.admin.Close()

@@ -119,6 +119,11 @@ func (g *Gateway) serverTLS(hs *handshake) *tls.Config {
 			g.requirePeer(c, hs, tunnel.ALPNAgent, ca.RoleAgent)
 		case slices.Contains(protos, tunnel.ALPNClient):
 			g.requirePeer(c, hs, tunnel.ALPNClient, ca.RoleUser)
+		case slices.Contains(protos, ca.ACMEBindALPN):
+			// An agent enrolling or renewing by ACME: no certificate here; it proves
+			// possession of its ACME account key after the handshake (serveACMEBind).
+			c.NextProtos = []string{ca.ACMEBindALPN}
+			c.ClientAuth = tls.NoClientCert
 		case len(protos) == 0 || slices.Contains(protos, alpnH2) || slices.Contains(protos, alpnHTTP1):
 			// The CA API: /renew and mTLS /revoke authenticate by the client certificate, so one
 			// is requested and, when given, must chain to our root (step-ca trusts the TLS
@@ -276,6 +281,8 @@ func (g *Gateway) handleConn(raw net.Conn) {
 		g.serveAgent(conn, ident, remote)
 	case tunnel.ALPNClient:
 		g.serveUser(conn, ident, remote)
+	case ca.ACMEBindALPN:
+		g.serveACMEBind(conn, remote)
 	default:
 		if !g.httpLn.push(conn) {
 			_ = conn.Close()

@@ -39,6 +39,9 @@ const (
 	ChainFile    = "chain.pem"
 	RootFile     = "root.pem"
 	IdentityFile = "identity.json"
+	// ACMEAccountKeyFile holds the ACME account key of an identity enrolled by ACME
+	// (0600); renewals are new orders of that account.
+	ACMEAccountKeyFile = "acme-account.key"
 )
 
 // Sentinel errors of this package; compare with errors.Is.
@@ -71,12 +74,17 @@ type Meta struct {
 	TokenSHA256 string `json:"token_sha256,omitempty"`
 	// Enrolled is when the identity was created.
 	Enrolled time.Time `json:"enrolled"`
+	// ACME is true for an identity enrolled by ACME: it renews by new ACME orders of
+	// the account whose key is in ACMEAccountKeyFile.
+	ACME bool `json:"acme,omitempty"`
 }
 
 // Stored is an identity as kept in a data directory.
 type Stored struct {
 	Meta
 	Creds *ca.Credentials
+	// ACMEAccountKey is the ACME account key when Meta.ACME is set.
+	ACMEAccountKey crypto.Signer
 }
 
 // Leaf returns the certificate of the identity.
@@ -158,7 +166,17 @@ func Load(dir string) (*Stored, error) {
 	if err := Check(creds, meta); err != nil {
 		return nil, corrupt("inconsistent files", err)
 	}
-	return &Stored{Meta: meta, Creds: creds}, nil
+	st := &Stored{Meta: meta, Creds: creds}
+	if meta.ACME {
+		b, err := os.ReadFile(filepath.Join(dir, ACMEAccountKeyFile))
+		if err != nil {
+			return nil, corrupt("cannot read "+ACMEAccountKeyFile, err)
+		}
+		if st.ACMEAccountKey, err = parseKey(b); err != nil {
+			return nil, corrupt(ACMEAccountKeyFile, err)
+		}
+	}
+	return st, nil
 }
 
 // Check verifies that creds hang together and match meta: the key is the
@@ -229,6 +247,18 @@ func Save(dir string, s *Stored) error {
 	}
 	if err := writeAtomic(dir, KeyFile, keyPEM, 0o600); err != nil {
 		return err
+	}
+	if s.ACME {
+		if s.ACMEAccountKey == nil {
+			return fmt.Errorf("save identity in %s: an ACME identity needs its account key", dir)
+		}
+		accPEM, err := encodeKey(s.ACMEAccountKey)
+		if err != nil {
+			return fmt.Errorf("save identity in %s: %w", dir, err)
+		}
+		if err := writeAtomic(dir, ACMEAccountKeyFile, accPEM, 0o600); err != nil {
+			return err
+		}
 	}
 	if err := saveCerts(dir, s.Creds); err != nil {
 		return err

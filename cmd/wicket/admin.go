@@ -17,7 +17,7 @@ import (
 )
 
 func init() {
-	register("token", "wicket token create agent|user NAME [--ttl DUR]", runToken)
+	register("token", "wicket token create agent|user NAME [--ttl DUR] [--acme]", runToken)
 	register("agents", "wicket agents list [--json] | wicket agents revoke NAME", runAgents)
 	register("users", "wicket users revoke NAME", runUsers)
 	register("sessions", "wicket sessions list [--json]", runSessions)
@@ -36,19 +36,28 @@ func runToken(ctx context.Context, args []string) error {
 	fs := newFlagSet("token")
 	dataDir := dataDirFlag(fs)
 	ttl := fs.Duration("ttl", 15*time.Minute, "how long the token may be used (once)")
+	useACME := fs.Bool("acme", false, "for an agent: an ACME enrollment credential (EAB key bound to the name) instead of a bootstrap token")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 3 || pos[0] != "create" || (pos[1] != "agent" && pos[1] != "user") {
-		return errors.New("usage: wicket token create agent|user NAME [--ttl DUR]")
+		return errors.New("usage: wicket token create agent|user NAME [--ttl DUR] [--acme]")
+	}
+	if *useACME && pos[1] != "agent" {
+		return errors.New("--acme is for agents only: wicket token create agent NAME --acme")
 	}
 	c, err := adminClient(*dataDir)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	tok, err := c.CreateToken(ctx, ca.Role(pos[1]), pos[2], *ttl)
+	var tok string
+	if *useACME {
+		tok, err = c.CreateACMECredential(ctx, pos[2], *ttl)
+	} else {
+		tok, err = c.CreateToken(ctx, ca.Role(pos[1]), pos[2], *ttl)
+	}
 	if err != nil {
 		if errors.Is(err, gateway.ErrGatewayUnreachable) {
 			return err

@@ -23,7 +23,7 @@ func runAgent(ctx context.Context, args []string) error {
 	fs.String("config", "", "YAML file with any of these flags as keys (env WICKET_CONFIG)")
 	printCfg := fs.Bool("print-config", false, "print the effective configuration (secrets redacted) and exit")
 	dataDir := dataDirFlag(fs)
-	token := fs.String("token", "", "one-time agent token from `wicket token create agent NAME`; needed only for the first start (prefer WICKET_TOKEN or --token-file: a flag is visible to every local user in ps)")
+	token := fs.String("token", "", "one-time agent token from `wicket token create agent NAME` (or an ACME enrollment credential from `... --acme`: the agent then enrolls and renews by ACME); needed only for the first start (prefer WICKET_TOKEN or --token-file: a flag is visible to every local user in ps)")
 	tokenFile := fs.String("token-file", "", "file holding the one-time agent token")
 	var expose stringList
 	fs.Var(&expose, "expose", "NAME=HOST:PORT: a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE)")

@@ -142,6 +142,9 @@ const (
 	TypeGatewayStarted = "gateway.started"
 	// TypeGatewayStopped: the gateway stopped serving.
 	TypeGatewayStopped = "gateway.stopped"
+	// TypeACMEBind: an agent opened an ACME validation connection (ALPN wicket-acme/1);
+	// Outcome says whether it was bound to its ACME account.
+	TypeACMEBind = "acme.bind"
 	// TypeLogRecovered: written by [Open] to seal a torn last line; see the package doc.
 	TypeLogRecovered = "log.recovered"
 )
