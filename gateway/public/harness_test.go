@@ -313,7 +313,7 @@ func (e *env) client(cert *tls.Certificate, keepAlive bool) *http.Client {
 		},
 	}
 	e.t.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr, Timeout: 10 * time.Second,
+	return &http.Client{Transport: tr, Timeout: 30 * time.Second,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 }
 
