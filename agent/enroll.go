@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/wicketgw/wicket/agent/identity"
 	"github.com/wicketgw/wicket/ca"
@@ -48,39 +49,12 @@ func obtainIdentity(ctx context.Context, cfg *Config) (*identity.Stored, error) 
 	name := info.Identity.Name
 
 	// A valid identity already stored may make enrolling unnecessary.
-	var stored *identity.Stored
-	exists, err := identity.Exists(dir)
-	if err != nil {
-		return nil, err
-	}
-	if exists {
-		s, err := identity.Load(dir)
-		switch {
-		case errors.Is(err, identity.ErrCorrupt):
-			log.Warn("the stored identity is unreadable; enrolling again with the token replaces it", "dir", dir, "err", err)
-		case err != nil:
-			return nil, err
-		default:
-			if s.Role != ca.RoleAgent || s.Name != name || s.URL != info.URL || s.TrustDomain != info.Identity.TrustDomain {
-				return nil, fmt.Errorf("%s already holds the identity of %s %s at %s, but the token is for agent %s at %s: use another --data-dir, or delete %s to replace it",
-					dir, s.Role, s.Name, s.URL, name, info.URL, dir)
-			}
-			valid := identity.CheckValid(s, now) == nil
-			if s.TokenSHA256 == identity.TokenHash(cfg.Token) {
-				if !valid {
-					return nil, identity.CheckValid(s, now)
-				}
-				log.Info("this token already enrolled the stored identity; using it", "dir", dir, "agent", name)
-				return s, nil
-			}
-			if valid && now.After(info.Expiry) {
-				log.Warn("the token has expired; using the stored identity, which is still valid", "dir", dir, "agent", name)
-				return s, nil
-			}
-			if valid {
-				stored = s
-			}
-		}
+	use, stored, err := storedIdentity(cfg, enrollment{
+		what: "token", name: name, url: info.URL, trustDomain: info.Identity.TrustDomain,
+		hash: identity.TokenHash(cfg.Token), expiry: info.Expiry,
+	})
+	if use != nil || err != nil {
+		return use, err
 	}
 
 	log.Info("enrolling", "agent", name, "gateway", info.URL)
@@ -108,6 +82,59 @@ func obtainIdentity(ctx context.Context, cfg *Config) (*identity.Stored, error) 
 	return s, nil
 }
 
+// enrollment describes the one-time credential an agent was started with, as
+// far as the rules for an identity already stored need it.
+type enrollment struct {
+	what        string // "token" or "ACME enrollment credential", for messages
+	name        string // the agent name it enrolls
+	url         string // the gateway it enrolls with
+	trustDomain string
+	hash        string // identity.TokenHash of the credential
+	expiry      time.Time
+}
+
+// storedIdentity applies the rules of Config.Token to an identity already in
+// cfg.DataDir, for either kind of credential. use is the stored identity to
+// run with, without enrolling; fallback is a still-valid stored identity to
+// fall back on if the CA says the credential is spent or expired. Both are
+// nil when there is nothing usable (none stored, or unreadable: enrolling
+// replaces it).
+func storedIdentity(cfg *Config, e enrollment) (use, fallback *identity.Stored, err error) {
+	log, dir, now := cfg.Logger, cfg.DataDir, cfg.Now()
+	exists, err := identity.Exists(dir)
+	if err != nil || !exists {
+		return nil, nil, err
+	}
+	s, err := identity.Load(dir)
+	switch {
+	case errors.Is(err, identity.ErrCorrupt):
+		log.Warn("the stored identity is unreadable; enrolling again replaces it", "dir", dir, "err", err)
+		return nil, nil, nil
+	case err != nil:
+		return nil, nil, err
+	}
+	if s.Role != ca.RoleAgent || s.Name != e.name || s.URL != e.url || s.TrustDomain != e.trustDomain {
+		return nil, nil, fmt.Errorf("%s already holds the identity of %s %s at %s, but the %s is for agent %s at %s: use another --data-dir, or delete %s to replace it",
+			dir, s.Role, s.Name, s.URL, e.what, e.name, e.url, dir)
+	}
+	validErr := identity.CheckValid(s, now)
+	if s.TokenSHA256 == e.hash {
+		if validErr != nil {
+			return nil, nil, validErr
+		}
+		log.Info("this "+e.what+" already enrolled the stored identity; using it", "dir", dir, "agent", e.name)
+		return s, nil, nil
+	}
+	if validErr != nil {
+		return nil, nil, nil
+	}
+	if now.After(e.expiry) {
+		log.Warn("the "+e.what+" has expired; using the stored identity, which is still valid", "dir", dir, "agent", e.name)
+		return s, nil, nil
+	}
+	return nil, s, nil
+}
+
 func checkAgentRole(s *identity.Stored, dir string) error {
 	if s.Role != ca.RoleAgent {
 		return fmt.Errorf("%s holds the identity of %s %s, not of an agent: use the agent's own --data-dir", dir, s.Role, s.Name)
@@ -125,39 +152,12 @@ func obtainIdentityACME(ctx context.Context, cfg *Config) (*identity.Stored, err
 		return nil, fmt.Errorf("the ACME enrollment credential cannot be used: %w", err)
 	}
 	name, hash := cred.Name, identity.TokenHash(cfg.Token)
-	var stored *identity.Stored
-	exists, err := identity.Exists(dir)
-	if err != nil {
-		return nil, err
-	}
-	if exists {
-		s, err := identity.Load(dir)
-		switch {
-		case errors.Is(err, identity.ErrCorrupt):
-			log.Warn("the stored identity is unreadable; enrolling again replaces it", "dir", dir, "err", err)
-		case err != nil:
-			return nil, err
-		default:
-			if s.Role != ca.RoleAgent || s.Name != name || s.URL != cred.URL || s.TrustDomain != cred.TrustDomain {
-				return nil, fmt.Errorf("%s already holds the identity of %s %s at %s, but the credential is for agent %s at %s: use another --data-dir, or delete %s to replace it",
-					dir, s.Role, s.Name, s.URL, name, cred.URL, dir)
-			}
-			valid := identity.CheckValid(s, now) == nil
-			if s.TokenSHA256 == hash {
-				if !valid {
-					return nil, identity.CheckValid(s, now)
-				}
-				log.Info("this credential already enrolled the stored identity; using it", "dir", dir, "agent", name)
-				return s, nil
-			}
-			if valid && now.After(cred.Expiry) {
-				log.Warn("the ACME enrollment credential has expired; using the stored identity, which is still valid", "dir", dir, "agent", name)
-				return s, nil
-			}
-			if valid {
-				stored = s
-			}
-		}
+	use, stored, err := storedIdentity(cfg, enrollment{
+		what: "ACME enrollment credential", name: name, url: cred.URL, trustDomain: cred.TrustDomain,
+		hash: hash, expiry: cred.Expiry,
+	})
+	if use != nil || err != nil {
+		return use, err
 	}
 	log.Info("enrolling by ACME", "agent", name, "gateway", cred.URL)
 	creds, accountKey, err := cfg.EnrollACME(ctx, cred)
