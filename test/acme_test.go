@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
@@ -56,35 +55,10 @@ func TestACMEAgent(t *testing.T) {
 		t.Fatalf("transfer through the ACME-enrolled agent: %v", err)
 	}
 
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var failures []error
-	streams := 0
-	for i := 0; i < 2; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				err := transfer(local, 2<<20)
-				mu.Lock()
-				streams++
-				if err != nil {
-					failures = append(failures, err)
-				}
-				mu.Unlock()
-			}
-		}()
-	}
+	load := startLoad(t, local, 2, 2<<20)
 	renewals := func() int { return strings.Count(agent.Output(), "certificate renewed") }
 	eventually(t, "two ACME renewals of the agent", func() bool { return renewals() >= 2 })
-	close(stop)
-	wg.Wait()
+	streams, failures := load.stop()
 	if len(failures) > 0 {
 		t.Fatalf("%d of %d streams failed during ACME renewals; first: %v", len(failures), streams, failures[0])
 	}

@@ -505,3 +505,52 @@ func closedPort(t *testing.T) string {
 	ln.Close()
 	return addr
 }
+
+// load keeps byte-checked transfers running through a local connect
+// listener until stop is called.
+type load struct {
+	done     chan struct{}
+	once     sync.Once
+	wg       sync.WaitGroup
+	mu       sync.Mutex
+	streams  int
+	failures []error
+}
+
+// startLoad runs workers goroutines, each doing transfer(local, size) in a
+// loop. The load also stops when the test ends, should it fail first.
+func startLoad(t *testing.T, local string, workers, size int) *load {
+	l := &load{done: make(chan struct{})}
+	t.Cleanup(func() { l.stop() })
+	for i := 0; i < workers; i++ {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for {
+				select {
+				case <-l.done:
+					return
+				default:
+				}
+				err := transfer(local, size)
+				l.mu.Lock()
+				l.streams++
+				if err != nil {
+					l.failures = append(l.failures, err)
+				}
+				l.mu.Unlock()
+			}
+		}()
+	}
+	return l
+}
+
+// stop ends the load, waits for the transfers in flight and returns how
+// many streams ran and which failed.
+func (l *load) stop() (int, []error) {
+	l.once.Do(func() { close(l.done) })
+	l.wg.Wait()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.streams, l.failures
+}

@@ -2,7 +2,6 @@ package test
 
 import (
 	"strings"
-	"sync"
 	"testing"
 )
 
@@ -20,37 +19,12 @@ func TestRenewalDuringTransfer(t *testing.T) {
 	conn, local := h.Connect(user, "echo", "--renew-period", "3s")
 
 	// Keep transfers going until both sides have renewed at least twice.
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var failures []error
-	streams := 0
-	for i := 0; i < 2; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				err := transfer(local, 2<<20)
-				mu.Lock()
-				streams++
-				if err != nil {
-					failures = append(failures, err)
-				}
-				mu.Unlock()
-			}
-		}()
-	}
+	load := startLoad(t, local, 2, 2<<20)
 	renewals := func(p *Process) int { return strings.Count(p.Output(), "certificate renewed") }
 	eventually(t, "two agent and two user renewals", func() bool {
 		return renewals(agent) >= 2 && renewals(conn) >= 2
 	})
-	close(stop)
-	wg.Wait()
+	streams, failures := load.stop()
 	if len(failures) > 0 {
 		t.Fatalf("%d of %d streams failed during renewals; first: %v", len(failures), streams, failures[0])
 	}
