@@ -188,21 +188,38 @@ func TestRefusals(t *testing.T) {
 	})
 
 	t.Run("user certificate on the agent ALPN and agent certificate on the client ALPN", func(t *testing.T) {
-		for _, c := range []struct{ dir, alpn string }{{alice, "wicket-agent/1"}, {agentDir, "wicket-client/1"}} {
-			conf := clientTLS(t, c.dir, c.alpn)
-			conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", gw.Addr, conf)
-			if err == nil {
-				// TLS 1.3 client certs are checked after the client's
-				// Finished; the refusal arrives on the first read.
-				_ = conn.SetReadDeadline(time.Now().Add(waitTimeout))
-				_, err = conn.Read(make([]byte, 1))
-				conn.Close()
+		// handshake reports whether the gateway accepted the identity in dir
+		// on alpn. TLS 1.3 client certificates are checked after the
+		// client's Finished, so a refusal arrives on the first read; an
+		// accepted session stays silent until the read deadline.
+		host, _, _ := net.SplitHostPort(gw.Addr)
+		handshake := func(dir, alpn string) error {
+			conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", gw.Addr, clientTLS(t, dir, alpn, host))
+			if err != nil {
+				return err
 			}
-			if err == nil {
+			defer conn.Close()
+			_ = conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+			_, err = conn.Read(make([]byte, 1))
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				return nil
+			}
+			return err
+		}
+		// Control: each certificate is accepted on its own ALPN, so the
+		// refusals below come from the role check, not from the TLS setup.
+		for _, c := range []struct{ dir, alpn string }{{alice, "wicket-client/1"}, {agentDir, "wicket-agent/1"}} {
+			if err := handshake(c.dir, c.alpn); err != nil {
+				t.Fatalf("%s certificate refused on its own ALPN %s: %v", filepath.Base(c.dir), c.alpn, err)
+			}
+		}
+		for _, c := range []struct{ dir, alpn string }{{alice, "wicket-agent/1"}, {agentDir, "wicket-client/1"}} {
+			if handshake(c.dir, c.alpn) == nil {
 				t.Fatalf("%s certificate accepted on %s", filepath.Base(c.dir), c.alpn)
 			}
 		}
-		gw.WaitAudit(map[string]string{"type": "tls.refused"})
+		gw.WaitAudit(map[string]string{"type": "tls.refused", "reason": "wrong role"})
 	})
 
 	t.Run("user the policy does not allow", func(t *testing.T) {
@@ -233,7 +250,7 @@ func TestRefusals(t *testing.T) {
 
 // clientTLS builds a TLS config from a stored identity directory, to present
 // a certificate on an ALPN it was not issued for.
-func clientTLS(t *testing.T, dir, alpn string) *tls.Config {
+func clientTLS(t *testing.T, dir, alpn, serverName string) *tls.Config {
 	t.Helper()
 	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "chain.pem"), filepath.Join(dir, "key.pem"))
 	if err != nil {
@@ -253,7 +270,7 @@ func clientTLS(t *testing.T, dir, alpn string) *tls.Config {
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		RootCAs:      pool,
-		ServerName:   "localhost",
+		ServerName:   serverName,
 		NextProtos:   []string{alpn},
 		Certificates: []tls.Certificate{cert},
 	}
