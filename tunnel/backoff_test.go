@@ -5,8 +5,6 @@ import (
 	"errors"
 	"testing"
 	"time"
-
-	"go.uber.org/goleak"
 )
 
 func TestBackoffFullJitterAndCap(t *testing.T) {
@@ -49,7 +47,7 @@ func TestBackoffFullJitterAndCap(t *testing.T) {
 }
 
 func TestRetryBacksOffAndResets(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	now := time.Unix(1000, 0)
 	b := &Backoff{Initial: time.Second, Max: 8 * time.Second, ResetAfter: time.Minute,
 		Rand: func() float64 { return 0.5 }, Now: func() time.Time { return now }}
@@ -89,7 +87,7 @@ func TestRetryBacksOffAndResets(t *testing.T) {
 }
 
 func TestRetryStopsWhileWaiting(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	never := make(chan time.Time)
 	done := make(chan struct{})

@@ -10,7 +10,18 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
 )
+
+// checkLeaks fails t if goroutines are left once the test and all of its
+// cleanups are done. Call it first: cleanups run last-registered-first, so
+// the check runs after the servers and sessions the test registered later
+// have been closed, even when the test stops early with t.Fatal.
+func checkLeaks(t *testing.T) {
+	t.Helper()
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+}
 
 // testConfig is DefaultConfig with timeouts short enough for tests.
 func testConfig() Config {

@@ -15,14 +15,13 @@ import (
 	"time"
 
 	"github.com/hashicorp/yamux"
-	"go.uber.org/goleak"
 )
 
 // Every hostile input below is refused, counted, and the server goes on
 // serving a well-behaved client afterwards.
 
 func TestHostileTLS(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	cfg := testConfig()
 	cfg.HandshakeTimeout = 300 * time.Millisecond
@@ -122,7 +121,7 @@ func TestHostileTLS(t *testing.T) {
 }
 
 func TestDialRefusesWrongServer(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := startServer(t, p, testConfig(), echo)
 	other := newTestCA(t, "other")
@@ -139,7 +138,7 @@ func TestDialRefusesWrongServer(t *testing.T) {
 }
 
 func TestKeepaliveDetectsBlackhole(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	cfg := testConfig()
 	cfg.KeepAliveInterval = 100 * time.Millisecond
@@ -170,7 +169,7 @@ func TestKeepaliveDetectsBlackhole(t *testing.T) {
 }
 
 func TestWriteStallClosesSession(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	cfg := testConfig()
 	cfg.KeepAliveInterval = time.Hour // isolate the write timeout
@@ -227,7 +226,7 @@ func rawSession(t *testing.T, p *pki, addr string, cfg Config) *Session {
 }
 
 func TestHostileStreamHeaders(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	cfg := testConfig()
 	cfg.HandshakeTimeout = 300 * time.Millisecond
@@ -298,7 +297,7 @@ func TestHostileStreamHeaders(t *testing.T) {
 }
 
 func TestStreamFloodIsBounded(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	cfg := testConfig()
 	cfg.AcceptBacklog = 16
@@ -476,7 +475,7 @@ var _ = binary.BigEndian
 // The gateway's router serves other ALPNs (h2, http/1.1) on the same port;
 // a connection that negotiated one of those must not become a tunnel.
 func TestServerRequiresTunnelALPN(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := newTestServer(t, p, testConfig(), echo)
 	srv.tls.NextProtos = []string{"h2", ALPNAgent}

@@ -9,8 +9,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"go.uber.org/goleak"
 )
 
 // tcpPair returns both ends of a loopback TCP connection.
@@ -66,7 +64,7 @@ func waitRelay(t *testing.T, ch chan relayResult) relayResult {
 // TestRelayThroughTunnel runs the real path: client TCP -> relay -> stream
 // -> relay -> server TCP, with half-close in both orders and byte counts.
 func TestRelayThroughTunnel(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	backendA, backendB := tcpPair(t) // backendB is "postgres"
 	agentDone := make(chan relayResult, 1)
@@ -116,7 +114,7 @@ func TestRelayThroughTunnel(t *testing.T) {
 }
 
 func TestRelayContextCancelEndsBoth(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	a1, a2 := tcpPair(t)
 	b1, b2 := tcpPair(t)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -140,7 +138,7 @@ func TestRelayContextCancelEndsBoth(t *testing.T) {
 }
 
 func TestRelayPeerResetEndsBoth(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	a1, a2 := tcpPair(t)
 	b1, b2 := tcpPair(t)
 	ch := startRelay(context.Background(), a2, b1, time.Minute)
@@ -158,7 +156,7 @@ func TestRelayPeerResetEndsBoth(t *testing.T) {
 // A peer that half-closed and then stops reading must not pin the relay
 // forever (yamux #133 on streams, same shape on TCP).
 func TestRelayHalfClosedStallBounded(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	a1, a2 := tcpPair(t)
 	b1, b2 := tcpPair(t)
 	a2.SetWriteBuffer(4096)
@@ -182,7 +180,7 @@ func TestRelayHalfClosedStallBounded(t *testing.T) {
 }
 
 func TestCloseWriteFallsBackToClose(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	x, y := net.Pipe()
 	if err := closeWrite(x); err != nil {
 		t.Fatal(err)
@@ -197,7 +195,7 @@ func TestCloseWriteFallsBackToClose(t *testing.T) {
 // then no more reads); our relay's writes into it must end within the stall
 // bound instead of hanging once the window is used up.
 func TestRelayStreamPeerClosedBounded(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	release := make(chan struct{})
 	srv := startServer(t, p, testConfig(), func(st *Stream) {

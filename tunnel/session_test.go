@@ -15,12 +15,10 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"go.uber.org/goleak"
 )
 
 func TestEcho(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := startServer(t, p, testConfig(), echo)
 	s := dialTest(t, p, srv.addr(), testConfig())
@@ -33,7 +31,7 @@ func TestEcho(t *testing.T) {
 }
 
 func TestServerWithHandshakenConn(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := newTestServer(t, p, testConfig(), echo)
 	srv.preShake = true
@@ -45,7 +43,7 @@ func TestServerWithHandshakenConn(t *testing.T) {
 }
 
 func TestHalfCloseBothWays(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	// The server sends its whole answer and half-closes FIRST, then keeps
 	// reading what the client still sends, and answers with its length.
@@ -93,7 +91,7 @@ func TestHalfCloseBothWays(t *testing.T) {
 }
 
 func TestThousandConcurrentStreams(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := startServer(t, p, testConfig(), echo)
 	s := dialTest(t, p, srv.addr(), testConfig())
@@ -151,7 +149,7 @@ func TestThousandConcurrentStreams(t *testing.T) {
 }
 
 func TestReplyStatuses(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := startServer(t, p, testConfig(), func(st *Stream) {
 		switch st.Header().Resource {
@@ -179,7 +177,7 @@ func TestReplyStatuses(t *testing.T) {
 }
 
 func TestWriteBeforeReplyRefused(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	got := make(chan error, 1)
 	srv := startServer(t, p, testConfig(), func(st *Stream) {
@@ -208,7 +206,7 @@ func TestWriteBeforeReplyRefused(t *testing.T) {
 }
 
 func TestGoAwayDrain(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := startServer(t, p, testConfig(), echo)
 	s := dialTest(t, p, srv.addr(), testConfig())
@@ -243,7 +241,7 @@ func TestGoAwayDrain(t *testing.T) {
 }
 
 func TestControlHello(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	hellos := make(chan Hello, 2)
 	big := make(chan error, 1)
@@ -301,20 +299,23 @@ func TestControlHello(t *testing.T) {
 }
 
 func TestSessionCloseEndsStreams(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := startServer(t, p, testConfig(), func(st *Stream) {
 		st.Reply(StatusOK, "")
 		st.Session().Close() // the whole session dies under the reader
 	})
 	s := dialTest(t, p, srv.addr(), testConfig())
+	// The server closes right after its reply, so the client may see the
+	// session die before or after the reply arrives (a close with unread
+	// bytes becomes a TCP reset, which can discard the reply). Either way the
+	// error must say the session closed, never look like a clean end.
 	st, err := s.OpenStream(context.Background(), Header{Kind: KindData, Resource: "x"})
-	if err != nil {
-		t.Fatal(err)
+	if err == nil {
+		_, err = io.ReadAll(st)
 	}
-	_, err = io.ReadAll(st)
 	if !errors.Is(err, ErrSessionClosed) {
-		t.Fatalf("read on a dead session = %v, want ErrSessionClosed (not a clean EOF)", err)
+		t.Fatalf("stream on a dead session = %v, want ErrSessionClosed (not a clean EOF)", err)
 	}
 	select {
 	case <-s.Done():
@@ -328,7 +329,7 @@ func TestSessionCloseEndsStreams(t *testing.T) {
 }
 
 func TestStreamCloseUnblocksRead(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := startServer(t, p, testConfig(), echo)
 	s := dialTest(t, p, srv.addr(), testConfig())
@@ -355,7 +356,7 @@ func TestStreamCloseUnblocksRead(t *testing.T) {
 }
 
 func TestOpenStreamContextCancel(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	release := make(chan struct{})
 	srv := startServer(t, p, testConfig(), func(st *Stream) {
@@ -400,7 +401,7 @@ var _ = bytes.Equal
 // renewed certificate is presented by the next connection with nothing
 // rebuilt.
 func TestRenewedCertUsedOnNextDial(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	checkLeaks(t)
 	p := newPKI(t)
 	srv := startServer(t, p, testConfig(), echo)
 	var mu sync.Mutex

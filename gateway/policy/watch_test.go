@@ -285,7 +285,7 @@ func TestWatchStartErrors(t *testing.T) {
 }
 
 func TestWatchStopsOnCloseAndContext(t *testing.T) {
-	defer goleak.VerifyNone(t)
+	t.Cleanup(func() { goleak.VerifyNone(t) })
 	path := filepath.Join(t.TempDir(), "p.yaml")
 	os.WriteFile(path, []byte(aliceWeb), 0o600)
 
