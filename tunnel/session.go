@@ -169,7 +169,7 @@ func newSession(conn *tls.Conn, cfg Config, client bool) (*Session, error) {
 		log:    cfg.logger().With("remote", conn.RemoteAddr().String()),
 		client: client,
 	}
-	wc := &frameConn{Conn: conn, timeout: cfg.ConnectionWriteTimeout, onTimeout: s.writeTimedOut}
+	wc := newFrameConn(conn, cfg.ConnectionWriteTimeout, s.writeTimedOut)
 	var err error
 	if client {
 		s.ys, err = yamux.Client(wc, cfg.yamuxConfig())
@@ -211,9 +211,10 @@ func (s *Session) keepalive() {
 	s.kaMu.Unlock()
 }
 
-// writeTimedOut runs on yamux's send goroutine when a connection write hit
-// its deadline. yamux then closes the session itself; closing it from here
-// would deadlock (Close waits for that goroutine), so only the reason is kept.
+// writeTimedOut runs on the connection's flusher when a write hit its
+// deadline. The flusher closes the connection, which ends yamux's receive
+// loop and with it the session; closing the session from here would deadlock
+// (Close waits for the flusher), so only the reason is kept.
 func (s *Session) writeTimedOut() {
 	s.setErr(ErrWriteTimeout)
 	s.log.Warn("tunnel connection write timed out; closing the session", "timeout", s.cfg.ConnectionWriteTimeout)
@@ -470,77 +471,188 @@ func (timeoutError) Is(target error) bool {
 	return target == os.ErrDeadlineExceeded
 }
 
-// frameConn is what yamux writes to. It bounds every write with a deadline
-// (a peer that stops reading fails the session within ConnectionWriteTimeout
-// instead of pinning yamux's send loop forever), and it joins each 12-byte
-// yamux data-frame header with the frame's body so that header and payload
-// leave in one TLS record and one syscall instead of two.
+// frameConn is what yamux writes to: a write-behind buffer in front of the
+// TLS connection.
 //
-// Only yamux's single send goroutine calls Write, so no lock is needed.
+// yamux's send goroutine writes every frame as two calls (a 12-byte header,
+// then the body) and every window update as one more. Written straight to
+// TLS, each call becomes its own TLS record and its own syscall: a 16 KiB
+// body leaves as a full record plus a 12-byte one, and the receiver pays
+// for both. frameConn instead appends each call to a buffer and returns; a
+// flusher goroutine, started when bytes are waiting and gone once none are,
+// hands the buffer to TLS in one large write, so records are full and the
+// syscall count per byte matches a plain TLS connection. While the flusher
+// is inside a write, yamux keeps filling the other buffer, which also lets
+// framing and encryption run on different cores.
+//
+// Bounds and failure:
+//   - at most writeBehindMax bytes wait; beyond that yamux's send loop waits
+//     too, so memory per session is bounded and back-pressure reaches the
+//     streams exactly as before;
+//   - each write to the connection has a deadline (ConnectionWriteTimeout): a
+//     peer that stops reading fails the session instead of pinning it;
+//   - the first failed write makes every later Write fail and closes the raw
+//     connection, so yamux's receive loop ends and the whole session with it
+//     (yamux #142: never carry on after a lost write);
+//   - Close first lets the flusher finish what yamux already handed over (a
+//     reply or Closing message written just before the session is closed
+//     still arrives), for at most closeFlushTimeout;
+//   - an idle session holds neither buffers (they go back to a pool) nor the
+//     flusher goroutine.
 type frameConn struct {
-	net.Conn
-	timeout   time.Duration
-	onTimeout func()
-	failed    atomic.Bool // a write failed: the connection is unusable
-	deadline  time.Time   // the write deadline currently set
-	held      []byte      // a data-frame header waiting for its body
-	buf       []byte
+	net.Conn // the TLS connection; Read and the address methods go straight to it
+
+	timeout   time.Duration // bound on each connection write
+	onTimeout func()        // told when a write hit its deadline
+
+	mu       sync.Mutex
+	cond     sync.Cond // signalled when space frees up, a flush ends, or the conn fails
+	buf      []byte    // bytes waiting for the flusher (nil when idle)
+	spare    []byte    // the buffer the flusher wrote last, reused for the next batch
+	flushing bool      // a flusher goroutine is running
+	err      error     // set once: the first failure, or net.ErrClosed after Close
+	failed   bool      // a write failed: skip close_notify
+	deadline time.Time // the write deadline currently set (used only by the flusher)
 }
 
-const yamuxHeaderLen = 12
+// writeBehindMax is how many bytes yamux may hand over before its send loop
+// waits for the flusher: eight full TLS records, enough to keep the
+// connection busy while the next batch is framed.
+const writeBehindMax = 128 << 10
 
+// closeFlushTimeout bounds how long Close waits for queued bytes to leave.
+// It is well under the gateway's one-second revocation bound.
+const closeFlushTimeout = 250 * time.Millisecond
+
+var writeBehindBufs = sync.Pool{New: func() any { b := make([]byte, 0, writeBehindMax); return &b }}
+
+func newFrameConn(conn net.Conn, timeout time.Duration, onTimeout func()) *frameConn {
+	c := &frameConn{Conn: conn, timeout: timeout, onTimeout: onTimeout}
+	c.cond.L = &c.mu
+	return c
+}
+
+// Write queues p and returns once all of it is queued. It is called only by
+// yamux's send goroutine.
 func (c *frameConn) Write(p []byte) (int, error) {
-	// Refresh the deadline only when half of it has been used: it bounds a
-	// stall, not each write, and resetting it per frame costs measurable time.
-	now := time.Now()
-	if c.deadline.Sub(now) < c.timeout/2 {
-		c.deadline = now.Add(c.timeout)
-		if err := c.Conn.SetWriteDeadline(c.deadline); err != nil {
-			return 0, err
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for len(p) > 0 {
+		for c.err == nil && len(c.buf) == writeBehindMax {
+			c.cond.Wait()
+		}
+		if c.err != nil {
+			return n, c.err
+		}
+		if c.buf == nil {
+			c.buf = (*writeBehindBufs.Get().(*[]byte))[:0]
+		}
+		k := copy(c.buf[len(c.buf):writeBehindMax], p)
+		c.buf = c.buf[:len(c.buf)+k]
+		p, n = p[k:], n+k
+		if !c.flushing {
+			c.flushing = true
+			go c.flush()
 		}
 	}
-	if c.held == nil && len(p) == yamuxHeaderLen && p[1] == 0 /* data */ &&
-		(uint32(p[8])<<24|uint32(p[9])<<16|uint32(p[10])<<8|uint32(p[11])) > 0 {
-		// yamux writes the body next, in the following Write call.
-		c.held = append(c.buf[:0], p...)
-		return len(p), nil
-	}
-	if c.held == nil {
-		n, err := c.Conn.Write(p)
-		c.check(err)
-		return n, err
-	}
-	c.buf = append(c.held, p...)
-	c.held = nil
-	n, err := c.Conn.Write(c.buf)
-	c.check(err)
-	n -= yamuxHeaderLen
-	if n < 0 {
-		n = 0
-	}
-	if cap(c.buf) > 64<<10 { // do not pin a jumbo buffer on an idle session
-		c.buf = nil
-	}
-	return n, err
+	return n, nil
 }
 
-func (c *frameConn) check(err error) {
-	if err == nil {
+// flush writes queued bytes until none are left or a write fails.
+func (c *frameConn) flush() {
+	c.mu.Lock()
+	for len(c.buf) > 0 && c.err == nil {
+		out := c.buf
+		c.buf, c.spare = c.spare, nil
+		c.cond.Broadcast() // the send loop may be waiting for space
+		c.mu.Unlock()
+		err := c.write(out)
+		c.mu.Lock()
+		c.spare = out[:0]
+		if err != nil {
+			c.fail(err)
+		}
+	}
+	c.flushing = false
+	for _, b := range []*[]byte{&c.buf, &c.spare} {
+		if *b != nil && len(*b) == 0 {
+			buf := *b
+			writeBehindBufs.Put(&buf)
+			*b = nil
+		}
+	}
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}
+
+// write sends one batch with a deadline. The deadline is refreshed only when
+// half of it has been used: it bounds a stall, not each write, and setting it
+// per write costs measurable time.
+func (c *frameConn) write(p []byte) error {
+	if now := time.Now(); c.deadline.Sub(now) < c.timeout/2 {
+		c.deadline = now.Add(c.timeout)
+		if err := c.Conn.SetWriteDeadline(c.deadline); err != nil {
+			return err
+		}
+	}
+	_, err := c.Conn.Write(p)
+	return err
+}
+
+// fail records the first failure and closes the raw connection so that
+// yamux's receive loop ends the session. Called with c.mu held.
+func (c *frameConn) fail(err error) {
+	if c.err != nil {
 		return
 	}
-	c.failed.Store(true)
-	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() && c.onTimeout != nil {
+	c.err, c.failed = err, true
+	if isTimeout(err) && c.onTimeout != nil {
 		c.onTimeout()
 	}
+	c.rawClose()
+	c.cond.Broadcast()
 }
 
-// Close skips TLS's close_notify after a failed write: tls.Conn.Close would
-// try to send it with its own 5 s deadline into a connection that is already
-// known not to drain, delaying the session's end by 5 s.
+// rawClose closes the connection under TLS, without close_notify: used when
+// the connection is known not to drain, where tls.Conn.Close would try to
+// send the alert with its own 5 s deadline.
+func (c *frameConn) rawClose() {
+	if tc, ok := c.Conn.(*tls.Conn); ok {
+		_ = tc.NetConn().Close()
+		return
+	}
+	_ = c.Conn.Close()
+}
+
+// Close lets the flusher finish (at most closeFlushTimeout), refuses later
+// writes, and closes the connection: with close_notify if every write
+// succeeded, without it otherwise.
 func (c *frameConn) Close() error {
-	if tc, ok := c.Conn.(*tls.Conn); ok && c.failed.Load() {
-		return tc.NetConn().Close()
+	c.mu.Lock()
+	if c.flushing && c.err == nil {
+		stop := time.AfterFunc(closeFlushTimeout, func() {
+			c.mu.Lock()
+			c.fail(ErrWriteTimeout)
+			c.mu.Unlock()
+		})
+		for c.flushing {
+			c.cond.Wait()
+		}
+		stop.Stop()
+	}
+	for c.flushing { // a flusher cut short by a failure is finishing
+		c.cond.Wait()
+	}
+	failed := c.failed
+	if c.err == nil {
+		c.err = net.ErrClosed
+	}
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	if failed {
+		c.rawClose()
+		return nil
 	}
 	return c.Conn.Close()
 }

@@ -328,6 +328,44 @@ func TestSessionCloseEndsStreams(t *testing.T) {
 	srv.close()
 }
 
+// TestCloseFlushesQueuedBytes: the connection writes behind yamux (frameConn), so a Close
+// right after a Write must still let the queued bytes leave before the connection closes.
+// The payload stays under the initial stream window, so the client sends nothing back that
+// the server could leave unread (which would turn its close into a TCP reset).
+func TestCloseFlushesQueuedBytes(t *testing.T) {
+	checkLeaks(t)
+	p := newPKI(t)
+	cfg := testConfig()
+	cfg.KeepAliveInterval = time.Hour
+	payload := make([]byte, 200<<10)
+	for i := range payload {
+		payload[i] = byte(rand.Uint32())
+	}
+	srv := startServer(t, p, cfg, func(st *Stream) {
+		st.Reply(StatusOK, "")
+		st.Write(payload)
+		st.Session().Close()
+	})
+	s := dialTest(t, p, srv.addr(), cfg)
+	st, err := s.OpenStream(context.Background(), Header{Kind: KindData, Resource: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(payload))
+	if _, err := io.ReadFull(st, got); err != nil {
+		t.Fatalf("read what the server wrote before closing: %v", err)
+	}
+	if !bytes.Equal(got, payload) {
+		t.Fatal("bytes written before Close arrived altered")
+	}
+	select {
+	case <-s.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("client session did not end")
+	}
+	srv.close()
+}
+
 func TestStreamCloseUnblocksRead(t *testing.T) {
 	checkLeaks(t)
 	p := newPKI(t)
