@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"time"
 
@@ -62,14 +63,18 @@ type Closing struct {
 // close (revocation must take effect within a second).
 const notifyTimeout = 200 * time.Millisecond
 
-// serveAgent runs one agent session: the hello exchange on the control stream, registration,
-// later hellos, until the session ends.
+// serveAgent starts one agent session on the connection's goroutine: the hello exchange on
+// the control stream and registration. It then hands the session to a fresh goroutine
+// (agentLoop) and returns. The reason is memory: this goroutine ran the TLS handshake, and its
+// stack grew for it; the runtime shrinks an idle stack only by halves and only while three
+// quarters of it are unused, so a session parked here would keep about 8 KiB of stack for its
+// whole life, where a fresh goroutine parks on 2 to 4 KiB. An idle agent session therefore
+// costs one gateway goroutine plus yamux's two; docs/BENCHMARKS.md has the measured figure.
 func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 	p := g.startPeer(conn, ident, remote)
 	if p == nil {
 		return
 	}
-	defer g.stopPeer(p)
 	log := g.log.With("agent", ident.Name, "remote", remote, "session", p.id)
 
 	ctx, cancel := context.WithTimeout(g.bgCtx, g.cfg.HandshakeTimeout)
@@ -77,9 +82,9 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 	cancel()
 	if err != nil {
 		log.Warn("agent session refused", "err", err)
+		g.stopPeer(p)
 		return
 	}
-	defer st.Close()
 	ctl := st.Control()
 	if hello.Name != "" && hello.Name != ident.Name {
 		log.Warn("agent hello names another agent; the certificate's name is used", "hello_name", hello.Name)
@@ -99,6 +104,8 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 	if err := ctl.Send(tunnel.Hello{Name: gatewayID, Instance: p.id, Version: g.cfg.Version}); err != nil {
 		g.registry.remove(as, g.clock.Now())
 		log.Warn("could not acknowledge the agent hello", "err", err)
+		_ = st.Close()
+		g.stopPeer(p)
 		return
 	}
 	log.Info("agent connected", "resources", as.resources, "version", as.version, "instance", as.instance,
@@ -108,50 +115,75 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 		Extra: map[string]string{"resources": fmt.Sprint(as.resources), "version": as.version, "instance": as.instance}}
 	setIdentity(&r, ident)
 	g.record(r)
+	g.goFunc(func() { g.agentLoop(log, ident, p, as, st) })
+}
 
-	// Later hellos update the exposed resources.
-	ctlDone := make(chan struct{})
-	go func() {
-		defer close(ctlDone)
-		for {
-			var h tunnel.Hello
-			if err := ctl.Recv(&h); err != nil {
-				return
-			}
-			g.registry.update(as, g.validResources(log, h.Resources), h.Version)
-			log.Info("agent updated its resources", "resources", h.Resources)
+// agentLoop is the one goroutine the gateway spends on a registered agent session (besides
+// yamux's reader and writer): it serves the streams the agent opens until the session ends,
+// then unregisters and audits the end. A later control stream carries a Hello that replaces
+// the exposed resources; anything else is refused. The first control stream (ctl) is not read
+// again; it stays open for the gateway's messages.
+func (g *Gateway) agentLoop(log *slog.Logger, ident ca.Identity, p *peer, as *agentSession, ctl *tunnel.Stream) {
+	defer g.stopPeer(p)
+	defer ctl.Close()
+	for {
+		st, err := p.sess.AcceptStream(g.bgCtx)
+		if err == nil {
+			g.agentStream(log, ident, p, as, st)
+			continue
 		}
-	}()
-	// Agents do not open streams toward the gateway; refuse any they try.
-	acceptDone := make(chan struct{})
-	go func() {
-		defer close(acceptDone)
-		for {
-			s, err := p.sess.AcceptStream(g.bgCtx)
-			if err != nil {
-				select {
-				case <-p.sess.Done():
-					return
-				case <-g.bgCtx.Done():
-					return
-				default:
-					continue
-				}
-			}
-			_ = s.Reply(tunnel.StatusRefused, "agents may not open streams toward the gateway")
-			_ = s.Close()
+		if sessionOver(p.sess, g.bgCtx) {
+			break
 		}
-	}()
-
+		// A stream with a malformed header: the tunnel refused it already.
+	}
 	<-p.sess.Done()
-	<-ctlDone
-	<-acceptDone
 	now := g.clock.Now()
 	g.registry.remove(as, now)
 	reason := p.reason()
 	log.Info("agent disconnected", "reason", reason)
-	r = audit.Record{Type: audit.TypeAgentDisconnected, Remote: remote, SessionID: p.id, Serial: p.serial,
+	r := audit.Record{Type: audit.TypeAgentDisconnected, Remote: as.remote, SessionID: p.id, Serial: p.serial,
 		DurationMS: now.Sub(p.since).Milliseconds(), Reason: reason}
+	setIdentity(&r, ident)
+	g.record(r)
+}
+
+// sessionOver says whether an AcceptStream error means there will be no more streams.
+func sessionOver(sess *tunnel.Session, ctx context.Context) bool {
+	select {
+	case <-sess.Done():
+		return true
+	case <-ctx.Done():
+		return true
+	default:
+		return false
+	}
+}
+
+// agentStream serves one stream an agent opened after its hello: a control stream with a
+// later Hello updates the agent's resources; any other stream is refused. It runs on the
+// session's goroutine, so a slow Hello only delays that agent, for at most HandshakeTimeout.
+func (g *Gateway) agentStream(log *slog.Logger, ident ca.Identity, p *peer, as *agentSession, st *tunnel.Stream) {
+	defer st.Close()
+	if st.Header().Kind != tunnel.KindControl {
+		_ = st.Reply(tunnel.StatusRefused, "agents may not open data streams toward the gateway")
+		log.Warn("refused a data stream the agent opened toward the gateway", "resource", st.Header().Resource)
+		return
+	}
+	if err := st.Reply(tunnel.StatusOK, ""); err != nil {
+		return
+	}
+	_ = st.SetReadDeadline(time.Now().Add(g.cfg.HandshakeTimeout)) // a real deadline, not the injectable clock
+	var h tunnel.Hello
+	if err := st.Control().Recv(&h); err != nil {
+		log.Warn("agent opened a control stream but sent no hello on it", "err", err)
+		return
+	}
+	resources := g.validResources(log, h.Resources)
+	g.registry.update(as, resources, h.Version)
+	log.Info("agent updated its resources", "resources", resources, "version", h.Version)
+	r := audit.Record{Type: audit.TypeAgentUpdated, Remote: as.remote, SessionID: p.id, Serial: p.serial,
+		Extra: map[string]string{"resources": fmt.Sprint(resources), "version": h.Version}}
 	setIdentity(&r, ident)
 	g.record(r)
 }

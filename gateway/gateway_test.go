@@ -131,6 +131,64 @@ func TestAgentRegistersAndUserStreamIsRelayed(t *testing.T) {
 	tg.stop()
 }
 
+// TestAgentOpenedStreams covers the streams an agent opens after its hello: a data stream is
+// refused, a new control stream with a later Hello replaces the resources (and is audited),
+// and neither disturbs the session or a user's stream through it.
+func TestAgentOpenedStreams(t *testing.T) {
+	checkLeaks(t)
+	tg := startGateway(t, nil)
+	echo := echoServer(t)
+	agent, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "inst-1", map[string]string{"echo": echo})
+	if err != nil {
+		t.Fatalf("agent connect: %v", err)
+	}
+
+	_, err = openStream(agent.sess, "echo")
+	if s, reason, ok := replyStatus(err); !ok || s != tunnel.StatusRefused || !strings.Contains(reason, "may not open data streams") {
+		t.Fatalf("data stream from the agent: err = %v, want refused", err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ctl, err := agent.sess.OpenControl(ctx)
+	if err != nil {
+		t.Fatalf("second control stream: %v", err)
+	}
+	if err := ctl.Send(tunnel.Hello{Name: "db1", Instance: "inst-1", Version: "v2", Resources: []string{"web", "echo", "bad name!"}}); err != nil {
+		t.Fatal(err)
+	}
+	ctl.Close()
+	upd := tg.waitAudit("agent.updated", func(r audit.Record) bool { return r.Type == audit.TypeAgentUpdated })
+	if upd.Agent != "db1" || upd.Extra["resources"] != "[echo web]" || upd.Extra["version"] != "v2" {
+		t.Fatalf("agent.updated = %+v", upd)
+	}
+	if l := tg.Registry().List(); len(l) != 1 || !slices.Equal(l[0].Resources, []string{"echo", "web"}) || l[0].Version != "v2" {
+		t.Fatalf("registry after the later hello = %+v", l)
+	}
+
+	// The session still carries user streams.
+	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+	if err != nil {
+		t.Fatalf("user dial: %v", err)
+	}
+	defer user.Close()
+	st, err := openStream(user, "echo")
+	if err != nil {
+		t.Fatalf("user stream after the agent's extra streams: %v", err)
+	}
+	if _, err := st.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	st.CloseWrite()
+	if got, err := io.ReadAll(st); err != nil || string(got) != "ping" {
+		t.Fatalf("echo = %q, %v", got, err)
+	}
+	st.Close()
+	user.Close()
+	agent.close()
+	tg.stop()
+}
+
 func TestStreamRefusals(t *testing.T) {
 	checkLeaks(t)
 	tg := startGateway(t, nil)

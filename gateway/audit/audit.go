@@ -120,6 +120,9 @@ const (
 	TypeAgentConnected = "agent.connected"
 	// TypeAgentDisconnected: an agent session ended; Reason says why.
 	TypeAgentDisconnected = "agent.disconnected"
+	// TypeAgentUpdated: a connected agent changed the resources it exposes
+	// (a later Hello on a new control stream).
+	TypeAgentUpdated = "agent.updated"
 	// TypeUserConnected: a user's client session was established.
 	TypeUserConnected = "user.connected"
 	// TypeUserDisconnected: a user's client session ended.
