@@ -66,7 +66,7 @@ func startGateway(t testing.TB, p *testpki.PKI) *fakeGateway {
 	serverCreds := p.Issue(ca.RoleGateway, "gw", now.Add(-time.Hour), now.Add(24*time.Hour))
 	serverCert := serverCreds.TLSCertificate()
 	tc := tunnel.ServerTLSConfig(func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return serverCert, nil },
-		p.Pool(), []string{tunnel.ALPNAgent}, func(cs tls.ConnectionState) error {
+		p.ClientCAs(), []string{tunnel.ALPNAgent}, func(cs tls.ConnectionState) error {
 			if gw.refuse.Load() {
 				return errors.New("certificate revoked")
 			}

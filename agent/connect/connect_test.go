@@ -55,7 +55,7 @@ func startGateway(t *testing.T, p *testpki.PKI) *fakeGateway {
 	now := time.Now()
 	sc := p.Issue(ca.RoleGateway, "gw", now.Add(-time.Hour), now.Add(24*time.Hour)).TLSCertificate()
 	tc := tunnel.ServerTLSConfig(func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return sc, nil },
-		p.Pool(), []string{tunnel.ALPNClient}, func(tls.ConnectionState) error {
+		p.ClientCAs(), []string{tunnel.ALPNClient}, func(tls.ConnectionState) error {
 			if gw.refuse.Load() {
 				return errors.New("certificate revoked")
 			}

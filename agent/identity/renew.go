@@ -160,12 +160,20 @@ func RenewAt(notBefore, notAfter time.Time, u float64) time.Time {
 	return notBefore.Add(time.Duration(float64(life) * f))
 }
 
+// ClientCertificate is the certificate an agent or user presents to the
+// gateway: the leaf alone. The gateway is the CA that issued it; it holds the
+// intermediate and verifies against its own copy (ca.Authority.VerifyPeer).
+// Sending the intermediate on every connection would only add handshake
+// bytes and about 3 KiB of gateway memory per session, which crypto/tls keeps
+// parsed for the connection's life.
+func ClientCertificate(c *ca.Credentials) *tls.Certificate {
+	leaf := c.Chain[0]
+	return &tls.Certificate{PrivateKey: c.Key, Leaf: leaf, Certificate: [][]byte{leaf.Raw}}
+}
+
 func (r *Renewer) newState(c *ca.Credentials) *state {
 	leaf := c.Chain[0]
-	tc := &tls.Certificate{PrivateKey: c.Key, Leaf: leaf}
-	for _, cert := range c.Chain {
-		tc.Certificate = append(tc.Certificate, cert.Raw)
-	}
+	tc := ClientCertificate(c)
 	at := RenewAt(leaf.NotBefore, leaf.NotAfter, r.cfg.Rand())
 	if r.cfg.Period > 0 {
 		if p := r.cfg.Now().Add(r.cfg.Period); p.Before(at) {

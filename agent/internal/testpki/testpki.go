@@ -100,10 +100,14 @@ func (p *PKI) IssueWithKey(k crypto.Signer, role ca.Role, name string, notBefore
 	return &ca.Credentials{Key: k, Chain: []*x509.Certificate{leaf, p.Inter}, Root: p.Root}
 }
 
-// Pool returns a pool holding the root.
-func (p *PKI) Pool() *x509.CertPool {
+// ClientCAs is what a test gateway verifies client certificates against:
+// the root and the intermediate. Like the real gateway, which is the CA and
+// holds its intermediate, it must accept the bare leaf that agents and users
+// present (identity.Renewer sends no chain).
+func (p *PKI) ClientCAs() *x509.CertPool {
 	pool := x509.NewCertPool()
 	pool.AddCert(p.Root)
+	pool.AddCert(p.Inter)
 	return pool
 }
 
