@@ -14,6 +14,7 @@ package gateway
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -66,6 +67,7 @@ type Gateway struct {
 	publicAddr string
 
 	authority *ca.Authority
+	serverTLS *tls.Config // the port's TLS config, built once (see newServerTLS)
 	audit     *audit.Log
 	policy    *policy.Watcher // nil: deny everyone
 	public    *public.Server  // nil: no public listener
@@ -194,6 +196,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("start the certificate authority: %w", err)
 	}
+	g.serverTLS = g.newServerTLS()
 
 	if cfg.PolicyFile != "" {
 		g.policy, err = policy.NewWatcher(g.bgCtx, policy.WatchConfig{

@@ -84,86 +84,88 @@ func (g *Gateway) acceptLoop() {
 	}
 }
 
-// handshake is what the ALPN router learned about one connection during its handshake.
-type handshake struct {
-	mu     sync.Mutex
-	reason string      // why it was refused, when our own checks refused it
-	ident  ca.Identity // the verified peer, for the Wicket ALPNs
+// refusal is the error our own handshake checks return. The reason recorded in the audit log
+// travels inside it, out of crypto/tls (which returns these errors from Handshake as they
+// are), to handleConn.
+type refusal struct {
+	reason string
+	err    error
 }
 
-func (h *handshake) refuse(reason string) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.reason == "" {
-		h.reason = reason
+func (r *refusal) Error() string { return r.err.Error() }
+func (r *refusal) Unwrap() error { return r.err }
+
+// newServerTLS builds the TLS config of the gateway's port. The config actually used is chosen
+// per ClientHello by the ALPNs the client offers: each Wicket ALPN requires a client
+// certificate of its own role, checked in the handshake, so a certificate of the other role
+// never gets a session. All of these configs are built once and shared: crypto/tls keeps the
+// chosen one for the connection's whole life, so a config per connection would cost every
+// idle session its own copy.
+func (g *Gateway) newServerTLS() *tls.Config {
+	agent := g.peerTLS(tunnel.ALPNAgent, ca.RoleAgent)
+	user := g.peerTLS(tunnel.ALPNClient, ca.RoleUser)
+
+	// An agent enrolling or renewing by ACME: no certificate here; it proves possession of its
+	// ACME account key after the handshake (serveACMEBind).
+	acme := &tls.Config{GetCertificate: g.authority.GetCertificate}
+	tunnel.HardenServerTLS(acme)
+	acme.NextProtos = []string{ca.ACMEBindALPN}
+	acme.ClientAuth = tls.NoClientCert
+
+	// The CA API: /renew and mTLS /revoke authenticate by the client certificate, so one is
+	// requested and, when given, must chain to our root (step-ca trusts the TLS layer for
+	// that). Expiry and revocation are left to the CA's handlers so that a refused renewal says
+	// why instead of failing with a TLS alert.
+	api := &tls.Config{GetCertificate: g.authority.GetCertificate}
+	tunnel.HardenServerTLS(api)
+	api.NextProtos = []string{alpnH2, alpnHTTP1}
+	api.ClientAuth = tls.RequestClientCert
+	api.VerifyConnection = func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 {
+			return nil
+		}
+		if err := g.verifyChainIgnoringExpiry(cs.PeerCertificates); err != nil {
+			return &refusal{classifyX509(err), err}
+		}
+		return nil
 	}
-}
 
-// serverTLS returns the TLS config for one incoming connection. The config actually used is
-// chosen per ClientHello by the ALPNs the client offers: each Wicket ALPN requires a
-// client certificate of its own role, checked in the handshake, so a certificate of the other
-// role never gets a session.
-func (g *Gateway) serverTLS(hs *handshake) *tls.Config {
 	base := &tls.Config{}
 	tunnel.HardenServerTLS(base)
 	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 		if !slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
-			hs.refuse(refusedVersion)
-			return nil, errors.New("TLS 1.3 is required")
+			return nil, &refusal{refusedVersion, errors.New("TLS 1.3 is required")}
 		}
-		c := &tls.Config{GetCertificate: g.authority.GetCertificate}
-		tunnel.HardenServerTLS(c)
 		protos := hello.SupportedProtos
 		switch {
 		case slices.Contains(protos, tunnel.ALPNAgent):
-			g.requirePeer(c, hs, tunnel.ALPNAgent, ca.RoleAgent)
+			return agent, nil
 		case slices.Contains(protos, tunnel.ALPNClient):
-			g.requirePeer(c, hs, tunnel.ALPNClient, ca.RoleUser)
+			return user, nil
 		case slices.Contains(protos, ca.ACMEBindALPN):
-			// An agent enrolling or renewing by ACME: no certificate here; it proves
-			// possession of its ACME account key after the handshake (serveACMEBind).
-			c.NextProtos = []string{ca.ACMEBindALPN}
-			c.ClientAuth = tls.NoClientCert
+			return acme, nil
 		case len(protos) == 0 || slices.Contains(protos, alpnH2) || slices.Contains(protos, alpnHTTP1):
-			// The CA API: /renew and mTLS /revoke authenticate by the client certificate, so one
-			// is requested and, when given, must chain to our root (step-ca trusts the TLS
-			// layer for that). Expiry and revocation are left to the CA's handlers so that a
-			// refused renewal says why instead of failing with a TLS alert.
-			c.NextProtos = []string{alpnH2, alpnHTTP1}
-			c.ClientAuth = tls.RequestClientCert
-			c.VerifyConnection = func(cs tls.ConnectionState) error {
-				if len(cs.PeerCertificates) == 0 {
-					return nil
-				}
-				if err := g.verifyChainIgnoringExpiry(cs.PeerCertificates); err != nil {
-					hs.refuse(classifyX509(err))
-					return err
-				}
-				return nil
-			}
-		default:
-			hs.refuse(refusedBadALPN)
-			return nil, fmt.Errorf("unsupported ALPN %q", protos)
+			return api, nil
 		}
-		return c, nil
+		return nil, &refusal{refusedBadALPN, fmt.Errorf("unsupported ALPN %q", protos)}
 	}
 	return base
 }
 
-func (g *Gateway) requirePeer(c *tls.Config, hs *handshake, alpn string, role ca.Role) {
+// peerTLS is the config for a Wicket ALPN: a client certificate of role is required and
+// verified (chain, role, expiry, revocation) in the handshake.
+func (g *Gateway) peerTLS(alpn string, role ca.Role) *tls.Config {
+	c := &tls.Config{GetCertificate: g.authority.GetCertificate}
+	tunnel.HardenServerTLS(c)
 	c.NextProtos = []string{alpn}
 	c.ClientAuth = tls.RequireAnyClientCert
 	c.VerifyConnection = func(cs tls.ConnectionState) error {
-		id, err := g.authority.VerifyPeer(cs.PeerCertificates, role)
-		if err != nil {
-			hs.refuse(classifyVerify(err))
-			return err
+		if _, err := g.authority.VerifyPeer(cs.PeerCertificates, role); err != nil {
+			return &refusal{classifyVerify(err), err}
 		}
-		hs.mu.Lock()
-		hs.ident = id
-		hs.mu.Unlock()
 		return nil
 	}
+	return c
 }
 
 // verifyChainIgnoringExpiry checks that chain was issued by our CA for client auth, at a
@@ -250,8 +252,7 @@ func classifyHandshake(err error, ctxErr error) string {
 // handleConn runs the handshake of one connection and hands it to its ALPN's handler.
 func (g *Gateway) handleConn(raw net.Conn) {
 	remote := raw.RemoteAddr().String()
-	hs := &handshake{}
-	conn := tls.Server(raw, g.serverTLS(hs))
+	conn := tls.Server(raw, g.serverTLS)
 	ctx, cancel := context.WithTimeout(g.bgCtx, g.cfg.HandshakeTimeout)
 	err := conn.HandshakeContext(ctx)
 	ctxErr := ctx.Err()
@@ -262,10 +263,11 @@ func (g *Gateway) handleConn(raw net.Conn) {
 		if errors.Is(err, context.Canceled) && g.bgCtx.Err() != nil {
 			return // shutting down
 		}
-		hs.mu.Lock()
-		reason := hs.reason
-		hs.mu.Unlock()
-		if reason == "" {
+		var rf *refusal
+		reason := ""
+		if errors.As(err, &rf) {
+			reason = rf.reason
+		} else {
 			reason = classifyHandshake(err, ctxErr)
 		}
 		g.refused(remote, reason, err)
@@ -273,14 +275,25 @@ func (g *Gateway) handleConn(raw net.Conn) {
 	}
 	g.counters.handshakesOK.Add(1)
 	cs := conn.ConnectionState()
-	hs.mu.Lock()
-	ident := hs.ident
-	hs.mu.Unlock()
 	switch cs.NegotiatedProtocol {
-	case tunnel.ALPNAgent:
-		g.serveAgent(conn, ident, remote)
-	case tunnel.ALPNClient:
-		g.serveUser(conn, ident, remote)
+	case tunnel.ALPNAgent, tunnel.ALPNClient:
+		role := ca.RoleAgent
+		if cs.NegotiatedProtocol == tunnel.ALPNClient {
+			role = ca.RoleUser
+		}
+		// The handshake verified the certificate; this takes the identity out of the same
+		// (cached) verification. It fails only if the certificate was revoked in between.
+		ident, err := g.authority.VerifyPeer(cs.PeerCertificates, role)
+		if err != nil {
+			_ = conn.Close()
+			g.refused(remote, classifyVerify(err), err)
+			return
+		}
+		if role == ca.RoleAgent {
+			g.serveAgent(conn, ident, remote)
+		} else {
+			g.serveUser(conn, ident, remote)
+		}
 	case ca.ACMEBindALPN:
 		g.serveACMEBind(conn, remote)
 	default:
