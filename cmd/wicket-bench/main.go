@@ -21,7 +21,6 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
-	"runtime/pprof"
 	"slices"
 	"strings"
 	"time"
@@ -45,8 +44,9 @@ func run() error {
 	opens := flag.Int("opens", 1000, "stream opens to time")
 	idle := flag.Int("idle", 200, "idle agent sessions for the memory figure (max 1000)")
 	window := flag.Uint("window", 0, "override tunnel MaxStreamWindowSize in bytes (0 = default)")
-	memProfile := flag.String("memprofile", "", "write a heap profile of the gateway side with the idle sessions up to this file")
+	memProfile := flag.String("memprofile", "", "write a heap profile of the real gateway with its idle agent sessions up to this file")
 	idleChild := flag.Bool("idle-agents", false, "internal: play the idle agents in a child process")
+	gatewayChild := flag.Bool("gateway-agents", false, "internal: play the real gateway's idle agents in a child process")
 	flag.Parse()
 
 	cfg := tunnel.DefaultConfig()
@@ -55,6 +55,9 @@ func run() error {
 	}
 	if *idleChild {
 		return idleAgents(cfg)
+	}
+	if *gatewayChild {
+		return gatewayAgents()
 	}
 	if *idle > 1000 || *idle < 1 {
 		return errors.New("-idle must be between 1 and 1000")
@@ -163,17 +166,26 @@ func run() error {
 	rig.Close()
 
 	// Memory per idle session, gateway side only: the agents run in a child.
-	for _, bare := range []bool{true, false} {
-		heap, stack, gor, err := idleMemory(cfg, *idle, bare, *memProfile)
-		if err != nil {
-			return fmt.Errorf("idle memory: %w", err)
-		}
-		per := heap + stack
-		name := "idle session, tunnel only"
-		if !bare {
-			name = "idle session, as gateway"
-		}
-		add(name, fmt.Sprintf("%.1f KiB (heap %.1f + stacks %.1f, %.1f goroutines; n=%d)", per/1024, heap/1024, stack/1024, gor, *idle),
+	// First the tunnel alone (what any server of sessions pays), then the
+	// real gateway holding enrolled agents' sessions.
+	type idleRow struct {
+		name                   string
+		heap, stack, goroutine float64
+	}
+	var rows []idleRow
+	heap, stack, gor, err := idleMemory(cfg, *idle)
+	if err != nil {
+		return fmt.Errorf("idle memory: %w", err)
+	}
+	rows = append(rows, idleRow{"idle session, tunnel only", heap, stack, gor})
+	heap, stack, gor, err = realGatewayIdle(*idle, *memProfile)
+	if err != nil {
+		return fmt.Errorf("idle memory of the real gateway: %w", err)
+	}
+	rows = append(rows, idleRow{"idle session, real gateway", heap, stack, gor})
+	for _, r := range rows {
+		per := r.heap + r.stack
+		add(r.name, fmt.Sprintf("%.1f KiB (heap %.1f + stacks %.1f, %.1f goroutines; n=%d)", per/1024, r.heap/1024, r.stack/1024, r.goroutine, *idle),
 			"", "<= 30 KiB", per <= 30*1024)
 	}
 
@@ -192,12 +204,12 @@ func run() error {
 
 // idleMemory starts an IdleGateway here, has a child process dial n idle
 // agents into it, and returns the growth of live heap + stacks per session.
-func idleMemory(cfg tunnel.Config, n int, bare bool, profile string) (heap, stack, goroutines float64, err error) {
+func idleMemory(cfg tunnel.Config, n int) (heap, stack, goroutines float64, err error) {
 	p, err := tunnelbench.NewPKI()
 	if err != nil {
 		return 0, 0, 0, err
 	}
-	g, err := tunnelbench.StartIdleGateway(p, cfg, bare)
+	g, err := tunnelbench.StartIdleGateway(p, cfg)
 	if err != nil {
 		return 0, 0, 0, err
 	}
@@ -235,14 +247,6 @@ func idleMemory(cfg tunnel.Config, n int, bare bool, profile string) (heap, stac
 		return 0, 0, 0, err
 	}
 	after := tunnelbench.LiveBytes()
-	if profile != "" && !bare {
-		f, err := os.Create(profile)
-		if err != nil {
-			return 0, 0, 0, err
-		}
-		pprof.Lookup("heap").WriteTo(f, 0)
-		f.Close()
-	}
 	nf := float64(n)
 	return float64(int64(after.Heap)-int64(before.Heap)) / nf, float64(int64(after.Stack)-int64(before.Stack)) / nf,
 		float64(after.Goroutines-before.Goroutines) / nf, nil

@@ -15,13 +15,12 @@ import (
 	"github.com/wicketgw/wicket/tunnel"
 )
 
-// IdleGateway accepts agent sessions the way the gateway holds them while
-// idle: tunnel.Server on the connection, one goroutine in AcceptStream, and
-// one reading the control stream after the agent's Hello. With Bare, it
-// keeps only what the tunnel itself needs (the session, with its accepted
-// control stream) and no application goroutine.
+// IdleGateway accepts agent sessions and keeps only what the tunnel itself
+// needs: the session with its accepted control stream, after the agent's
+// Hello and an answer, and no goroutine of its own. It measures the floor any
+// server of agent sessions pays; cmd/wicket-bench measures the real gateway
+// next to it.
 type IdleGateway struct {
-	Bare     bool
 	ln       net.Listener
 	cfg      tunnel.Config
 	tls      *tls.Config
@@ -32,12 +31,12 @@ type IdleGateway struct {
 }
 
 // StartIdleGateway listens on 127.0.0.1.
-func StartIdleGateway(p *PKI, cfg tunnel.Config, bare bool) (*IdleGateway, error) {
+func StartIdleGateway(p *PKI, cfg tunnel.Config) (*IdleGateway, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	g := &IdleGateway{Bare: bare, ln: ln, cfg: cfg, tls: p.ServerTLS()}
+	g := &IdleGateway{ln: ln, cfg: cfg, tls: p.ServerTLS()}
 	g.wg.Add(1)
 	go func() {
 		defer g.wg.Done()
@@ -64,41 +63,22 @@ func (g *IdleGateway) serve(c net.Conn) {
 	g.mu.Lock()
 	g.sessions = append(g.sessions, s)
 	g.mu.Unlock()
-	for {
-		st, err := s.AcceptStream(context.Background())
-		if err != nil {
-			return
-		}
-		if st.Header().Kind != tunnel.KindControl {
-			st.Reply(tunnel.StatusRefused, "control streams only")
-			continue
-		}
-		if err := st.Reply(tunnel.StatusOK, ""); err != nil {
-			continue
-		}
-		if g.Bare {
-			var h tunnel.Hello
-			if err := st.Control().Recv(&h); err == nil {
-				g.hellos.Add(1)
-			}
-			return // keep the session and its control stream, no goroutine
-		}
-		g.wg.Add(1)
-		go func() {
-			defer g.wg.Done()
-			ctl := st.Control()
-			defer ctl.Close()
-			for first := true; ; first = false {
-				var h tunnel.Hello
-				if err := ctl.Recv(&h); err != nil {
-					return
-				}
-				if first {
-					g.hellos.Add(1)
-				}
-			}
-		}()
+	st, err := s.AcceptStream(context.Background())
+	if err != nil {
+		return
 	}
+	if st.Header().Kind != tunnel.KindControl || st.Reply(tunnel.StatusOK, "") != nil {
+		st.Close()
+		return
+	}
+	var h tunnel.Hello
+	if err := st.Control().Recv(&h); err != nil {
+		return
+	}
+	if err := st.Control().Send(tunnel.Hello{Name: "gateway"}); err != nil {
+		return
+	}
+	g.hellos.Add(1)
 }
 
 // Addr is where agents dial.
