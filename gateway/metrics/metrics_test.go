@@ -79,7 +79,9 @@ func scrapeValue(t *testing.T, reg *prometheus.Registry, series string) (float64
 }
 
 func TestReadyzNamesTheFailedCheck(t *testing.T) {
-	t.Cleanup(func() { goleak.VerifyNone(t, goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon")) })
+	t.Cleanup(func() {
+		goleak.VerifyNone(t, goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon"))
+	})
 	src := &fakeSource{checks: []gateway.Check{{Name: "ca", OK: true}, {Name: "database", Error: "the CA database does not answer"}}}
 	srv := httptest.NewServer(Handler(src, NewRegistry(src), quiet()))
 	defer srv.Close()
