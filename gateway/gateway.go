@@ -469,7 +469,11 @@ func (g *Gateway) sweepRevoked() {
 			g.pruneSerials(time.Now())
 		}
 		var revoked []string
-		for _, s := range g.peers.serials() {
+		serials := g.peers.serials()
+		if g.public != nil {
+			serials = append(serials, g.public.UserSerials()...)
+		}
+		for _, s := range serials {
 			ok, err := g.authority.IsRevoked(s)
 			if err != nil {
 				g.log.Warn("revocation check failed", "serial", s, "err", err)
@@ -485,12 +489,18 @@ func (g *Gateway) sweepRevoked() {
 	}
 }
 
-// onRevoke closes the live sessions of revoked serials at once and audits each revocation.
+// onRevoke closes the live sessions of revoked serials at once, cuts the public listener's
+// requests authorized by them, and audits each revocation.
 // The CA calls it after every successful revocation, whatever the path.
 func (g *Gateway) onRevoke(serials []string) {
 	for _, p := range g.peers.closeSerials(serials, reasonRevoked) {
 		g.counters.closedRevoked.Add(1)
 		g.log.Info("closed session: certificate revoked", "identity", p.ident.String(), "serial", p.serial)
+	}
+	if g.public != nil {
+		if n := g.public.Cut(serials); n > 0 {
+			g.log.Info("cut public requests: user certificate revoked", "requests", n)
+		}
 	}
 	for _, s := range serials {
 		g.auditRevoked(s, ca.Identity{}, "certificate revoked")

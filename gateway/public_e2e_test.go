@@ -22,6 +22,12 @@ import (
 func TestPublicEndToEnd(t *testing.T) {
 	checkLeaks(t)
 	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/hang" { // a stream that runs until somebody cuts it
+			io.WriteString(w, "started\n")
+			http.NewResponseController(w).Flush()
+			<-r.Context().Done()
+			return
+		}
 		io.WriteString(w, "target saw user="+r.Header.Get(public.UserHeader)+" path="+r.URL.Path)
 	}))
 	defer target.Close()
@@ -76,7 +82,8 @@ func TestPublicEndToEnd(t *testing.T) {
 	if st, _ := fetch(client(nil), "app.wicket.test"); st != 401 {
 		t.Fatalf("users host without a certificate: %d", st)
 	}
-	if st, body := fetch(client(tg.enroll(ca.RoleUser, "alice")), "app.wicket.test"); st != 200 || body != "target saw user=alice path=/page" {
+	alice := client(tg.enroll(ca.RoleUser, "alice"))
+	if st, body := fetch(alice, "app.wicket.test"); st != 200 || body != "target saw user=alice path=/page" {
 		t.Fatalf("alice: %d %q", st, body)
 	}
 	if st, body := fetch(client(tg.enroll(ca.RoleUser, "carol")), "app.wicket.test"); st != 403 || !strings.Contains(body, "carol is not allowed") {
@@ -85,4 +92,32 @@ func TestPublicEndToEnd(t *testing.T) {
 	tg.waitAudit("http.request by alice", func(r audit.Record) bool {
 		return r.Type == public.TypeHTTPRequest && r.User == "alice" && r.Extra["path"] == "/page" && r.Outcome == "ok"
 	})
+
+	// Revoking alice cuts her open stream on the users host at once, like her tunnel sessions.
+	resp, err := alice.Get("https://app.wicket.test:" + port + "/hang")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("alice's stream: %v %v", resp, err)
+	}
+	defer resp.Body.Close()
+	first := make([]byte, len("started\n"))
+	if _, err := io.ReadFull(resp.Body, first); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	id := ca.Identity{TrustDomain: tg.Authority().TrustDomain(), Role: ca.RoleUser, Name: "alice"}
+	if _, err := tg.Authority().RevokeIdentity(context.Background(), id, "test"); err != nil {
+		t.Fatal(err)
+	}
+	rest, _ := io.ReadAll(resp.Body)
+	if d := time.Since(start); d > time.Second || len(rest) != 0 {
+		t.Fatalf("alice's stream ended %v after the revocation, having read %q more; want under a second", d, rest)
+	}
+	t.Logf("alice's stream on the users host ended %v after RevokeIdentity was called", time.Since(start))
+	tg.waitAudit("alice's stream cut by the revocation", func(r audit.Record) bool {
+		return r.Type == public.TypeHTTPRequest && r.User == "alice" && r.Extra["path"] == "/hang" &&
+			r.Reason == "the response was cut off: "+public.ErrCertificateRevoked.Error()
+	})
+	if st, _ := fetch(alice, "app.wicket.test"); st != 403 {
+		t.Fatalf("alice after revocation: %d, want 403", st)
+	}
 }

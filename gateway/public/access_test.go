@@ -3,9 +3,13 @@ package public
 import (
 	"bufio"
 	"crypto/tls"
+	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -254,4 +258,112 @@ func TestBackendUnavailable(t *testing.T) {
 	if s := e.srv.Stats(); s.BackendErrors != 1 {
 		t.Fatalf("stats %+v", s)
 	}
+}
+
+// Revoking a user certificate (Server.Cut, which the gateway calls from its revocation paths)
+// ends a streamed response and an upgraded connection it authorized at once, audited as such;
+// another user's stream is untouched.
+func TestCutEndsRequestsOfARevokedCertificate(t *testing.T) {
+	checkLeaks(t)
+	host := testHost("revoke")
+	uca := newTestUserCA(t)
+	mux := http.NewServeMux()
+	mux.Handle("/", demoHandler())
+	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		fmt.Fprint(brw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+		brw.Flush()
+		io.Copy(c, brw) // echo until the proxy closes its side
+	})
+	e := startEnv(t, envOptions{
+		hosts:      map[string]Host{host: {Resource: "web", Access: AccessUsers}},
+		verifyUser: uca.verify,
+	}, mux)
+	e.waitCert(host)
+
+	aliceCert, bobCert := uca.issue(t, "alice"), uca.issue(t, "bob")
+	stream := func(cert *tls.Certificate) (*http.Response, *bufio.Reader) {
+		resp, err := e.client(cert, false).Get(e.url(host, "/hang"))
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("stream: %v %v", resp, err)
+		}
+		br := bufio.NewReader(resp.Body)
+		if line, err := br.ReadString('\n'); err != nil || line != "started\n" {
+			t.Fatalf("stream start: %q %v", line, err)
+		}
+		return resp, br
+	}
+	aliceResp, aliceBody := stream(aliceCert)
+	defer aliceResp.Body.Close()
+	bobResp, _ := stream(bobCert)
+	defer bobResp.Body.Close()
+
+	// An upgraded connection of alice's, over HTTP/1.1.
+	c, err := tls.Dial("tcp", e.ln.Addr().String(), &tls.Config{RootCAs: e.pebble.IssuedRoots, ServerName: host,
+		NextProtos: []string{"http/1.1"}, Certificates: []tls.Certificate{*aliceCert}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n", host)
+	cr := bufio.NewReader(c)
+	if up, err := http.ReadResponse(cr, nil); err != nil || up.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", up, err)
+	}
+
+	aliceSerial := serialOf(t, aliceCert)
+	if got := e.srv.UserSerials(); !slices.Contains(got, aliceSerial) || len(got) != 2 {
+		t.Fatalf("UserSerials = %v, want alice's and bob's", got)
+	}
+	start := time.Now()
+	if n := e.srv.Cut([]string{aliceSerial}); n != 2 {
+		t.Fatalf("Cut = %d requests, want 2 (the stream and the upgraded connection)", n)
+	}
+	if rest, _ := io.ReadAll(aliceBody); len(rest) != 0 {
+		t.Fatalf("after the cut the stream still delivered %q", rest)
+	}
+	if _, err := io.ReadAll(cr); err != nil && !errors.Is(err, io.EOF) {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatal("the upgraded connection stayed open after the cut")
+		}
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("cut took %v, want well under a second", d)
+	}
+	// Bob's stream is still open.
+	if got := e.srv.UserSerials(); len(got) != 1 || got[0] != serialOf(t, bobCert) {
+		t.Fatalf("after the cut UserSerials = %v, want only bob's", got)
+	}
+	bobResp.Body.Close()
+
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var cut int
+		for _, r := range e.audits.ofType(TypeHTTPRequest) {
+			if r.User == "alice" && r.Outcome == "error" && r.Reason == "the response was cut off: the user certificate was revoked" {
+				cut++
+			}
+		}
+		if cut == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("want 2 audit records of alice's requests cut by the revocation: %+v", e.audits.ofType(TypeHTTPRequest))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func serialOf(t *testing.T, c *tls.Certificate) string {
+	leaf, err := x509.ParseCertificate(c.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return leaf.SerialNumber.String()
 }

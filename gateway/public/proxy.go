@@ -111,6 +111,11 @@ func (s *Server) newProxy(errLog *log.Logger) http.Handler {
 			if *dm.err == nil {
 				*dm.err = err
 			}
+			if errors.Is(context.Cause(r.Context()), ErrCertificateRevoked) {
+				*dm.err = ErrCertificateRevoked
+				httpError(w, http.StatusForbidden, "Your user certificate was revoked; run `wicket login` again if you should still have access.")
+				return
+			}
 			if errors.Is(err, context.Canceled) {
 				// The client went away; nobody reads this answer.
 				w.WriteHeader(499)
@@ -160,12 +165,21 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 		ar.SetTLS(*r.TLS)
 	}
 	var reason string
-	var certNotAfter time.Time // of the user certificate that authorized the request
+	var certNotAfter time.Time    // of the user certificate that authorized the request
+	var revocable context.Context // the request's context that Cut cancels (users hosts)
 	defer func() {
 		// ReverseProxy aborts (panic(http.ErrAbortHandler)) when the response breaks after
 		// its header was sent; audit that as an error, then let net/http see the panic.
 		aborted := recover()
-		if aborted != nil && backendErr == nil {
+		switch {
+		case errors.Is(backendErr, ErrCertificateRevoked):
+			// Revoked before the backend answered: the proxy's error handler said 403.
+			s.refused.Add(1)
+			reason, backendErr = ErrCertificateRevoked.Error(), nil
+		case revocable != nil && errors.Is(context.Cause(revocable), ErrCertificateRevoked) && reason == "":
+			// Cut while the response streamed or the upgraded connection was open.
+			backendErr = errors.New("the response was cut off: " + ErrCertificateRevoked.Error())
+		case aborted != nil && backendErr == nil:
 			backendErr = errors.New("the response was cut off")
 			if !certNotAfter.IsZero() && !time.Now().Before(certNotAfter) {
 				backendErr = errors.New("the response was cut off: the user certificate expired")
@@ -211,12 +225,20 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 			"This connection was opened for another host name; open a new connection to "+host+".")
 		return
 	}
+	ctx := context.WithValue(r.Context(), metaKey{}, dm)
 	if h.Access == AccessUsers {
 		if len(r.TLS.PeerCertificates) == 0 {
 			refuse(http.StatusUnauthorized, "no user certificate presented",
 				host+" is open only to Wicket users: present your Wicket user certificate (run `wicket login`, then use its certificate and key as the client certificate).")
 			return
 		}
+		// Registered before the certificate is checked, so a revocation that lands between the
+		// check and the proxying still cuts this request.
+		var cut context.CancelCauseFunc
+		ctx, cut = context.WithCancelCause(ctx)
+		defer cut(nil)
+		defer s.userReqs.add(r.TLS.PeerCertificates[0].SerialNumber.String(), cut)()
+		revocable = ctx
 		user, err := s.cfg.VerifyUser(r.TLS.PeerCertificates)
 		if err != nil {
 			refuse(http.StatusForbidden, "user certificate refused: "+err.Error(),
@@ -229,11 +251,8 @@ func (s *Server) serveHTTPS(w http.ResponseWriter, r *http.Request) {
 				"User "+user+" is not allowed to use "+host+"; ask an administrator to grant access to resource "+h.Resource+".")
 			return
 		}
-	}
-	ctx := context.WithValue(r.Context(), metaKey{}, dm)
-	if h.Access == AccessUsers {
 		// No identity outlives its certificate: a streamed response or an upgraded connection
-		// ends when the user certificate it was authorized with expires.
+		// ends when the user certificate it was authorized with expires (or is revoked: Cut).
 		var cancel context.CancelFunc
 		certNotAfter = r.TLS.PeerCertificates[0].NotAfter
 		ctx, cancel = context.WithDeadline(ctx, certNotAfter)

@@ -65,6 +65,7 @@ type Server struct {
 	proxy    http.Handler
 	tr       *http.Transport
 	handlers inflight // requests being handled, upgraded ones included
+	userReqs byCert   // requests on users hosts, by user certificate serial (Cut)
 
 	baseCtx    context.Context
 	baseCancel context.CancelFunc
