@@ -100,6 +100,7 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 	}
 	p.notify.Store(&notify)
 	g.registry.add(as)
+	g.agentsChanged()
 	g.counters.agentSessions.Add(1)
 	if err := ctl.Send(tunnel.Hello{Name: gatewayID, Instance: p.id, Version: g.cfg.Version}); err != nil {
 		g.registry.remove(as, g.clock.Now())
@@ -140,6 +141,7 @@ func (g *Gateway) agentLoop(log *slog.Logger, ident ca.Identity, p *peer, as *ag
 	<-p.sess.Done()
 	now := g.clock.Now()
 	g.registry.remove(as, now)
+	g.agentsChanged()
 	reason := p.reason()
 	log.Info("agent disconnected", "reason", reason)
 	r := audit.Record{Type: audit.TypeAgentDisconnected, Remote: as.remote, SessionID: p.id, Serial: p.serial,
@@ -181,6 +183,7 @@ func (g *Gateway) agentStream(log *slog.Logger, ident ca.Identity, p *peer, as *
 	}
 	resources := g.validResources(log, h.Resources)
 	g.registry.update(as, resources, h.Version)
+	g.agentsChanged()
 	log.Info("agent updated its resources", "resources", resources, "version", h.Version)
 	r := audit.Record{Type: audit.TypeAgentUpdated, Remote: as.remote, SessionID: p.id, Serial: p.serial,
 		Extra: map[string]string{"resources": fmt.Sprint(resources), "version": h.Version}}

@@ -68,9 +68,11 @@ type Gateway struct {
 
 	authority *ca.Authority
 	serverTLS *tls.Config // the port's TLS config, built once (see newServerTLS)
-	audit     *audit.Log
-	policy    *policy.Watcher // nil: deny everyone
-	public    *public.Server  // nil: no public listener
+
+	agentsDirty chan struct{} // the registry changed: save the agents file (saveAgentsLoop)
+	audit       *audit.Log
+	policy      *policy.Watcher // nil: deny everyone
+	public      *public.Server  // nil: no public listener
 
 	ln      net.Listener
 	httpLn  *memListener
@@ -121,6 +123,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		log:            cfg.Logger,
 		clock:          cfg.Clock,
 		registry:       NewRegistry(),
+		agentsDirty:    make(chan struct{}, 1),
 		peers:          newPeerIndex(),
 		sessions:       newSessionTable(),
 		knownSerials:   map[string]knownSerial{},
@@ -197,6 +200,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		return nil, fmt.Errorf("start the certificate authority: %w", err)
 	}
 	g.serverTLS = g.newServerTLS()
+	g.loadAgents()
 
 	if cfg.PolicyFile != "" {
 		g.policy, err = policy.NewWatcher(g.bgCtx, policy.WatchConfig{
@@ -321,6 +325,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.goFunc(func() { _ = g.httpSrv.Serve(g.httpLn) })
 	g.goFunc(func() { _ = g.admin.Serve(g.adminLn) })
 	g.goFunc(g.sweepRevoked)
+	g.goFunc(g.saveAgentsLoop)
 	publicCtx, stopPublic := context.WithCancel(g.bgCtx)
 	defer stopPublic()
 	if g.public != nil {
@@ -380,6 +385,9 @@ func (g *Gateway) Close() error {
 		_ = g.adminLn.Close()
 		g.wg.Wait()
 		if g.ran.Load() {
+			if err := g.saveAgents(); err != nil {
+				g.log.Warn("could not save the list of known agents", "file", AgentsFileName, "err", err)
+			}
 			g.record(audit.Record{Type: audit.TypeGatewayStopped, Outcome: audit.OutcomeOK})
 		}
 		g.closeErr = g.release()

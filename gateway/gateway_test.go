@@ -764,6 +764,61 @@ func TestRestartReusesState(t *testing.T) {
 	}
 }
 
+// The gateway remembers the agents it has seen across a restart (AgentsFileName): they are
+// listed offline with their last known resources, and a stream to one of those resources is
+// answered "unavailable, agent db1 is offline" rather than "unknown resource". A file it cannot
+// read is moved aside, not overwritten, and the gateway starts without it.
+func TestAgentsRememberedAcrossRestart(t *testing.T) {
+	checkLeaks(t)
+	dir := t.TempDir()
+	tg := startGateway(t, func(c *Config) { c.DataDir = dir })
+	echo := echoServer(t)
+	agent, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	expires := tg.Registry().List()[0].CertExpires
+	agent.close()
+	tg.stop()
+	if fi, err := os.Stat(filepath.Join(dir, AgentsFileName)); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("agents file after stop: %v %v", fi, err)
+	}
+
+	tg = startGateway(t, func(c *Config) { c.DataDir = dir })
+	l := tg.Registry().List()
+	if len(l) != 1 || l[0].Name != "db1" || l[0].Status != "offline" || !slices.Equal(l[0].Resources, []string{"echo"}) ||
+		!l[0].CertExpires.Equal(expires) || l[0].Since.IsZero() {
+		t.Fatalf("after restart the registry = %+v", l)
+	}
+	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = openStream(user, "echo")
+	if s, reason, ok := replyStatus(err); !ok || s != tunnel.StatusUnavailable || !strings.Contains(reason, "db1") {
+		t.Fatalf("stream to the remembered agent's resource: %v", err)
+	}
+	user.Close()
+	tg.stop()
+
+	bad := filepath.Join(dir, AgentsFileName)
+	if err := os.WriteFile(bad, []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tg = startGateway(t, func(c *Config) { c.DataDir = dir })
+	if l := tg.Registry().List(); len(l) != 0 {
+		t.Fatalf("registry from an unreadable file = %+v", l)
+	}
+	aside, _ := filepath.Glob(bad + ".unreadable-*")
+	if len(aside) != 1 {
+		t.Fatalf("the unreadable file was not kept aside: %v", aside)
+	}
+	if b, _ := os.ReadFile(aside[0]); string(b) != "{not json" {
+		t.Fatalf("the file kept aside was altered: %q", b)
+	}
+	tg.stop()
+}
+
 // A certificate from another CA is refused as unknown.
 func TestUnknownCARefused(t *testing.T) {
 	checkLeaks(t)

@@ -160,7 +160,9 @@ func (r *Registry) candidates(resource string) (cands []*agentSession, offlineAg
 	return cands, offlineAgents
 }
 
-// List describes every agent the gateway has seen since it started, sorted by name.
+// List describes every agent the gateway knows, sorted by name: those seen since it started
+// and those remembered from its data dir (AgentsFileName), which are offline until they
+// reconnect.
 func (r *Registry) List() []AgentInfo {
 	r.mu.Lock()
 	defer r.mu.Unlock()
