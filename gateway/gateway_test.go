@@ -172,18 +172,7 @@ func TestAgentOpenedStreams(t *testing.T) {
 		t.Fatalf("user dial: %v", err)
 	}
 	defer user.Close()
-	st, err := openStream(user, "echo")
-	if err != nil {
-		t.Fatalf("user stream after the agent's extra streams: %v", err)
-	}
-	if _, err := st.Write([]byte("ping")); err != nil {
-		t.Fatal(err)
-	}
-	st.CloseWrite()
-	if got, err := io.ReadAll(st); err != nil || string(got) != "ping" {
-		t.Fatalf("echo = %q, %v", got, err)
-	}
-	st.Close()
+	echoOnce(t, user, "echo", "ping")
 	user.Close()
 	agent.close()
 	tg.stop()
@@ -232,18 +221,7 @@ func TestStreamRefusals(t *testing.T) {
 		return r.Type == audit.TypeSessionDenied && r.Agent == "db1" && strings.Contains(r.Reason, "connection refused")
 	})
 	// The refusals did not disturb the working path.
-	st, err := openStream(alice, "echo")
-	if err != nil {
-		t.Fatalf("echo after refusals: %v", err)
-	}
-	if _, err := st.Write([]byte("ping")); err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, 4)
-	if _, err := io.ReadFull(st, buf); err != nil || string(buf) != "ping" {
-		t.Fatalf("echo = %q, %v", buf, err)
-	}
-	st.Close()
+	echoOnce(t, alice, "echo", "ping")
 	bob.Close()
 	alice.Close()
 	tg.stop()

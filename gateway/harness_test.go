@@ -404,6 +404,26 @@ func openStream(sess *tunnel.Session, resource string) (*tunnel.Stream, error) {
 	return sess.OpenStream(ctx, tunnel.Header{Kind: tunnel.KindData, Resource: resource})
 }
 
+// echoOnce opens a stream to resource over user, sends msg, half-closes and checks that msg
+// comes back: the path through the gateway to an echo server still works.
+func echoOnce(t testing.TB, user *tunnel.Session, resource, msg string) {
+	t.Helper()
+	st, err := openStream(user, resource)
+	if err != nil {
+		t.Fatalf("open a stream to %s: %v", resource, err)
+	}
+	defer st.Close()
+	if _, err := st.Write([]byte(msg)); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := io.ReadAll(st); err != nil || string(got) != msg {
+		t.Fatalf("echo through %s = %q, %v; want %q", resource, got, err, msg)
+	}
+}
+
 func replyStatus(err error) (tunnel.Status, string, bool) {
 	var re *tunnel.ReplyError
 	if errors.As(err, &re) {

@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
 	"strings"
@@ -76,42 +75,20 @@ func realGatewayIdle(n int, profile string) (heap, stack, goroutines float64, er
 		}
 		job.Tokens = append(job.Tokens, tok)
 	}
-	self, err := os.Executable()
+	c, err := startChild("-gateway-agents")
 	if err != nil {
 		return 0, 0, 0, err
 	}
-	child := exec.Command(self, "-gateway-agents")
-	stdin, err := child.StdinPipe()
-	if err != nil {
+	defer c.close()
+	if err := json.NewEncoder(c.stdin).Encode(job); err != nil {
 		return 0, 0, 0, err
 	}
-	stdout, err := child.StdoutPipe()
-	if err != nil {
-		return 0, 0, 0, err
-	}
-	child.Stderr = os.Stderr
-	if err := child.Start(); err != nil {
-		return 0, 0, 0, err
-	}
-	defer child.Wait()
-	defer stdin.Close()
-	if err := json.NewEncoder(stdin).Encode(job); err != nil {
-		return 0, 0, 0, err
-	}
-	out := bufio.NewReader(stdout)
-	expect := func(want string) error {
-		line, err := out.ReadString('\n')
-		if err != nil || strings.TrimSpace(line) != want {
-			return fmt.Errorf("gateway agents: want %q, got %q %v", want, line, err)
-		}
-		return nil
-	}
-	if err := expect("enrolled"); err != nil {
+	if err := c.expect("enrolled"); err != nil {
 		return 0, 0, 0, err
 	}
 	before := tunnelbench.LiveBytes()
-	fmt.Fprintln(stdin, "go")
-	if err := expect("ready"); err != nil {
+	fmt.Fprintln(c.stdin, "go")
+	if err := c.expect("ready"); err != nil {
 		return 0, 0, 0, err
 	}
 	deadline := time.Now().Add(30 * time.Second)
@@ -130,9 +107,8 @@ func realGatewayIdle(n int, profile string) (heap, stack, goroutines float64, er
 		pprof.Lookup("heap").WriteTo(f, 0)
 		f.Close()
 	}
-	nf := float64(n)
-	return float64(int64(after.Heap)-int64(before.Heap)) / nf, float64(int64(after.Stack)-int64(before.Stack)) / nf,
-		float64(after.Goroutines-before.Goroutines) / nf, nil
+	heap, stack, goroutines = perSession(before, after, n)
+	return heap, stack, goroutines, nil
 }
 
 // gatewayAgents is the child of realGatewayIdle: enroll every token, say

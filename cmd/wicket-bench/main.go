@@ -218,38 +218,74 @@ func idleMemory(cfg tunnel.Config, n int) (heap, stack, goroutines float64, err 
 	if err != nil {
 		return 0, 0, 0, err
 	}
-	self, err := os.Executable()
-	if err != nil {
-		return 0, 0, 0, err
-	}
 	before := tunnelbench.LiveBytes()
-	child := exec.Command(self, "-idle-agents")
-	stdin, err := child.StdinPipe()
+	c, err := startChild("-idle-agents")
 	if err != nil {
 		return 0, 0, 0, err
 	}
-	stdout, err := child.StdoutPipe()
-	if err != nil {
+	defer c.close()
+	fmt.Fprintf(c.stdin, "%s %d %s\n", g.Addr(), n, creds)
+	if err := c.expect("ready"); err != nil {
 		return 0, 0, 0, err
-	}
-	child.Stderr = os.Stderr
-	if err := child.Start(); err != nil {
-		return 0, 0, 0, err
-	}
-	defer child.Wait()
-	defer stdin.Close()
-	fmt.Fprintf(stdin, "%s %d %s\n", g.Addr(), n, creds)
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil || strings.TrimSpace(line) != "ready" {
-		return 0, 0, 0, fmt.Errorf("idle agents did not start: %q %v", line, err)
 	}
 	if err := g.WaitHellos(int64(n), 30*time.Second); err != nil {
 		return 0, 0, 0, err
 	}
-	after := tunnelbench.LiveBytes()
+	heap, stack, goroutines = perSession(before, tunnelbench.LiveBytes(), n)
+	return heap, stack, goroutines, nil
+}
+
+// child is a copy of this program, started with a mode flag, that plays the
+// agents of a memory measurement in its own process, so that only the
+// server side's memory is counted here. It reads its job from stdin, reports
+// progress as lines on stdout, and holds its sessions until stdin closes.
+type child struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	out   *bufio.Reader
+}
+
+func startChild(mode string) (*child, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, mode)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	return &child{cmd: cmd, stdin: stdin, out: bufio.NewReader(stdout)}, nil
+}
+
+// expect reads the child's next line and checks it is want.
+func (c *child) expect(want string) error {
+	line, err := c.out.ReadString('\n')
+	if err != nil || strings.TrimSpace(line) != want {
+		return fmt.Errorf("%s child: want %q, got %q %v", c.cmd.Args[1], want, line, err)
+	}
+	return nil
+}
+
+// close ends the child's sessions (it exits when stdin closes) and waits for it.
+func (c *child) close() {
+	c.stdin.Close()
+	c.cmd.Wait()
+}
+
+// perSession is the growth from before to after divided by n sessions.
+func perSession(before, after tunnelbench.Live, n int) (heap, stack, goroutines float64) {
 	nf := float64(n)
 	return float64(int64(after.Heap)-int64(before.Heap)) / nf, float64(int64(after.Stack)-int64(before.Stack)) / nf,
-		float64(after.Goroutines-before.Goroutines) / nf, nil
+		float64(after.Goroutines-before.Goroutines) / nf
 }
 
 // idleAgents is the child: read "addr n creds", dial, say ready, wait for EOF.

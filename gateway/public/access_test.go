@@ -141,29 +141,7 @@ func TestUpgradeAndStreamingPassThrough(t *testing.T) {
 	host := testHost("stream")
 	next := make(chan struct{})
 	mux := http.NewServeMux()
-	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("Upgrade") != "echo" {
-			http.Error(w, "upgrade required", http.StatusUpgradeRequired)
-			return
-		}
-		c, brw, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		fmt.Fprint(brw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
-		brw.Flush()
-		buf := make([]byte, 64)
-		for {
-			n, err := brw.Read(buf)
-			if err != nil {
-				return
-			}
-			if _, err := c.Write([]byte(strings.ToUpper(string(buf[:n])))); err != nil {
-				return
-			}
-		}
-	})
+	mux.HandleFunc("/ws", upgradeEcho)
 	mux.HandleFunc("/events", func(w http.ResponseWriter, r *http.Request) {
 		for i := range 3 {
 			fmt.Fprintf(w, "event %d\n", i)
@@ -196,18 +174,8 @@ func TestUpgradeAndStreamingPassThrough(t *testing.T) {
 	resp.Body.Close()
 
 	// Upgrade over HTTP/1.1.
-	c, err := tls.Dial("tcp", e.ln.Addr().String(), &tls.Config{RootCAs: e.pebble.IssuedRoots, ServerName: host, NextProtos: []string{"http/1.1"}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, cr := e.upgrade(host, nil)
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n", host)
-	cr := bufio.NewReader(c)
-	up, err := http.ReadResponse(cr, nil)
-	if err != nil || up.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("upgrade: %v %v", up, err)
-	}
 	for _, msg := range []string{"ping", "hello"} {
 		if _, err := io.WriteString(c, msg); err != nil {
 			t.Fatal(err)
@@ -269,16 +237,7 @@ func TestCutEndsRequestsOfARevokedCertificate(t *testing.T) {
 	uca := newTestUserCA(t)
 	mux := http.NewServeMux()
 	mux.Handle("/", demoHandler())
-	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
-		c, brw, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		fmt.Fprint(brw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
-		brw.Flush()
-		io.Copy(c, brw) // echo until the proxy closes its side
-	})
+	mux.HandleFunc("/ws", upgradeEcho)
 	e := startEnv(t, envOptions{
 		hosts:      map[string]Host{host: {Resource: "web", Access: AccessUsers}},
 		verifyUser: uca.verify,
@@ -303,18 +262,8 @@ func TestCutEndsRequestsOfARevokedCertificate(t *testing.T) {
 	defer bobResp.Body.Close()
 
 	// An upgraded connection of alice's, over HTTP/1.1.
-	c, err := tls.Dial("tcp", e.ln.Addr().String(), &tls.Config{RootCAs: e.pebble.IssuedRoots, ServerName: host,
-		NextProtos: []string{"http/1.1"}, Certificates: []tls.Certificate{*aliceCert}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, cr := e.upgrade(host, aliceCert)
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n", host)
-	cr := bufio.NewReader(c)
-	if up, err := http.ReadResponse(cr, nil); err != nil || up.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("upgrade: %v %v", up, err)
-	}
 
 	aliceSerial := serialOf(t, aliceCert)
 	if got := e.srv.UserSerials(); !slices.Contains(got, aliceSerial) || len(got) != 2 {
@@ -366,4 +315,52 @@ func serialOf(t *testing.T, c *tls.Certificate) string {
 		t.Fatal(err)
 	}
 	return leaf.SerialNumber.String()
+}
+
+// upgradeEcho answers an "Upgrade: echo" request with 101 and then echoes in upper case
+// until the other side closes.
+func upgradeEcho(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Upgrade") != "echo" {
+		http.Error(w, "upgrade required", http.StatusUpgradeRequired)
+		return
+	}
+	c, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	fmt.Fprint(brw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+	brw.Flush()
+	buf := make([]byte, 64)
+	for {
+		n, err := brw.Read(buf)
+		if err != nil {
+			return
+		}
+		if _, err := c.Write([]byte(strings.ToUpper(string(buf[:n])))); err != nil {
+			return
+		}
+	}
+}
+
+// upgrade opens an HTTP/1.1 connection to host (with cert as the client certificate, if
+// any), upgrades it on /ws and returns it with a reader positioned after the 101 answer.
+func (e *env) upgrade(host string, cert *tls.Certificate) (*tls.Conn, *bufio.Reader) {
+	e.t.Helper()
+	cfg := &tls.Config{RootCAs: e.pebble.IssuedRoots, ServerName: host, NextProtos: []string{"http/1.1"}}
+	if cert != nil {
+		cfg.Certificates = []tls.Certificate{*cert}
+	}
+	c, err := tls.Dial("tcp", e.ln.Addr().String(), cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n", host)
+	cr := bufio.NewReader(c)
+	if up, err := http.ReadResponse(cr, nil); err != nil || up.StatusCode != http.StatusSwitchingProtocols {
+		c.Close()
+		e.t.Fatalf("upgrade: %v %v", up, err)
+	}
+	return c, cr
 }
