@@ -120,6 +120,9 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 	if cfg.AgentACME != nil {
 		adb.onRevokedAgentACME = a.deactivateAgentACME
 	}
+	if onIssued := cfg.ACME.OnIssued; onIssued != nil {
+		adb.onACMEIssued = func(leaf *x509.Certificate) { onIssued(leaf.DNSNames, leaf.SerialNumber.String()) }
+	}
 	if cfg.AgentACME != nil && cfg.AgentACME.OnIssued != nil {
 		onIssued := cfg.AgentACME.OnIssued
 		adb.onAgentACMEIssued = func(leaf *x509.Certificate) {
@@ -634,9 +637,12 @@ func (a *Authority) rotateGatewayCert(ctx context.Context) error {
 	for _, c := range chain {
 		tc.Certificate = append(tc.Certificate, c.Raw)
 	}
-	a.gwCert.Store(tc)
+	renewal := a.gwCert.Swap(tc) != nil
 	a.cfg.Logger.Info("issued gateway certificate", "identity", id.String(),
 		"serial", chain[0].SerialNumber.String(), "not_after", chain[0].NotAfter)
+	if a.cfg.OnGatewayCertificate != nil {
+		a.cfg.OnGatewayCertificate(chain[0].SerialNumber.String(), chain[0].NotAfter, renewal)
+	}
 	return nil
 }
 

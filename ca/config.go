@@ -94,6 +94,9 @@ type Config struct {
 	// RevokeIdentity, or the HTTP /revoke endpoint. It receives the serials (decimal)
 	// revoked by that call. It must not block for long: it runs on the revoking request.
 	OnRevoke func(serials []string)
+	// OnGatewayCertificate is called each time the gateway's own server certificate is issued:
+	// at start (renewal false) and at every in-process renewal (renewal true).
+	OnGatewayCertificate func(serial string, notAfter time.Time, renewal bool)
 }
 
 // ACMEConfig configures the ACME provisioner "acme".
@@ -116,6 +119,9 @@ type ACMEConfig struct {
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 	// LookupTXT, if set, resolves dns-01 TXT records. Default net.DefaultResolver.
 	LookupTXT func(ctx context.Context, name string) ([]string, error)
+	// OnIssued, if set, is called after the provisioner issued a certificate (its DNS names
+	// and serial), e.g. for the gateway's metrics and audit log.
+	OnIssued func(dnsNames []string, serial string)
 }
 
 func (c *Config) setDefaults() error {

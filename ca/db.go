@@ -62,6 +62,8 @@ type authDB struct {
 	onRevokedAgentACME func(serial string) error
 	// onAgentACMEIssued is called after an agents-ACME certificate is stored.
 	onAgentACMEIssued func(leaf *x509.Certificate)
+	// onACMEIssued is called after a certificate of the public ACME provisioner is stored.
+	onACMEIssued func(leaf *x509.Certificate)
 }
 
 // openDB opens bbolt in dataDir or PostgreSQL at dsn.
@@ -231,7 +233,13 @@ func (d *authDB) StoreCertificateChain(p provisioner.Interface, chain ...*x509.C
 	leaf := chain[0]
 	idx, ok := indexRecord(leaf)
 	if !ok {
-		return d.DB.StoreCertificateChain(p, chain...)
+		if err := d.DB.StoreCertificateChain(p, chain...); err != nil {
+			return err
+		}
+		if p != nil && p.GetName() == acmeProvisionerName && d.onACMEIssued != nil {
+			d.onACMEIssued(leaf)
+		}
+		return nil
 	}
 	data := &stepdb.CertificateData{}
 	if p != nil {

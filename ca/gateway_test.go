@@ -13,7 +13,17 @@ func TestGatewayCertificateRotation(t *testing.T) {
 	var mu sync.Mutex
 	var waits []time.Duration
 	tick := make(chan time.Time)
+	type issued struct {
+		serial  string
+		renewal bool
+	}
+	var reported []issued
 	e := startEnv(t, t.TempDir(), "", func(c *Config) {
+		c.OnGatewayCertificate = func(serial string, _ time.Time, renewal bool) {
+			mu.Lock()
+			reported = append(reported, issued{serial, renewal})
+			mu.Unlock()
+		}
 		c.GatewayLifetime = 30 * time.Minute
 		c.ServerNames = []string{"gw.example.com", "10.1.2.3"}
 		c.After = func(d time.Duration) <-chan time.Time {
@@ -87,6 +97,13 @@ func TestGatewayCertificateRotation(t *testing.T) {
 	}
 	if ip := net.ParseIP("127.0.0.1"); !containsIP(served.IPAddresses, ip) {
 		t.Fatalf("served certificate lacks the URL host: %v", served.IPAddresses)
+	}
+	// Both issuances were reported (for the gateway's metrics and audit), the second as a renewal.
+	mu.Lock()
+	defer mu.Unlock()
+	want := []issued{{leaf.SerialNumber.String(), false}, {served.SerialNumber.String(), true}}
+	if len(reported) != 2 || reported[0] != want[0] || reported[1] != want[1] {
+		t.Fatalf("OnGatewayCertificate saw %+v, want %+v", reported, want)
 	}
 }
 

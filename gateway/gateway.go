@@ -24,6 +24,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -191,7 +192,9 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		Logger:        cfg.Logger.With("component", "ca"),
 		Now:           cfg.Clock.Now,
 		OnRevoke:      g.onRevoke,
-		ACME:          ca.ACMEConfig{AllowedNames: acmeAllowed, DialContext: g.validationDialer(published)},
+		ACME: ca.ACMEConfig{AllowedNames: acmeAllowed, DialContext: g.validationDialer(published),
+			OnIssued: g.onACMEIssued},
+		OnGatewayCertificate: g.onGatewayCertificate,
 		AgentACME: &ca.AgentACMEConfig{
 			Dial: g.acmeDial, OnRefusal: g.onAgentACMERefusal, OnIssued: g.onAgentACMEIssued,
 		},
@@ -578,6 +581,26 @@ func setIdentity(r *audit.Record, id ca.Identity) {
 	case ca.RoleUser:
 		r.User = id.Name
 	}
+}
+
+// onGatewayCertificate counts and audits the gateway's own server certificate, issued by the
+// built-in CA at start and at every in-process renewal.
+func (g *Gateway) onGatewayCertificate(serial string, notAfter time.Time, renewal bool) {
+	kind, typ := "issued", audit.TypeCertIssued
+	if renewal {
+		kind, typ = "renewed", audit.TypeCertRenewed
+	}
+	g.counters.certs.inc(kind, roleLabel(ca.RoleGateway))
+	g.record(audit.Record{Type: typ, Outcome: audit.OutcomeOK, Serial: serial,
+		Extra: map[string]string{"certificate": "gateway server certificate", "not_after": notAfter.UTC().Format(time.RFC3339)}})
+}
+
+// onACMEIssued counts and audits a DNS-name certificate issued by the public ACME provisioner
+// (for example the public listener's own, with --acme-ca internal).
+func (g *Gateway) onACMEIssued(dnsNames []string, serial string) {
+	g.counters.certs.inc("issued", "server")
+	g.record(audit.Record{Type: audit.TypeCertIssued, Outcome: audit.OutcomeOK, Serial: serial,
+		Extra: map[string]string{"via": "acme", "dns_names": strings.Join(dnsNames, ",")}})
 }
 
 // roleLabel is the metrics label of a role: one of a fixed few, so that nothing a peer

@@ -116,6 +116,13 @@ func TestAgentRegistersAndUserStreamIsRelayed(t *testing.T) {
 	if c := tg.Counters(); c.BytesUp != int64(len(payload)) || c.Streams["ok"] != 1 {
 		t.Fatalf("counters = %+v", c)
 	}
+	// The gateway's own server certificate, issued at start, is counted and audited too.
+	if n := tg.Snapshot().Certificates[CertCount{Kind: "issued", Role: "gateway"}]; n != 1 {
+		t.Fatalf("certificates issued to the gateway = %d, want 1", n)
+	}
+	tg.waitAudit("cert.issued for the gateway", func(r audit.Record) bool {
+		return r.Type == audit.TypeCertIssued && r.Extra["certificate"] == "gateway server certificate" && r.Serial != ""
+	})
 
 	agent.close()
 	tg.waitAudit("agent.disconnected", func(r audit.Record) bool { return r.Type == audit.TypeAgentDisconnected && r.Agent == "db1" })

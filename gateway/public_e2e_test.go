@@ -89,6 +89,14 @@ func TestPublicEndToEnd(t *testing.T) {
 	if st, body := fetch(client(tg.enroll(ca.RoleUser, "carol")), "app.wicket.test"); st != 403 || !strings.Contains(body, "carol is not allowed") {
 		t.Fatalf("carol (policy: echo only): %d %q", st, body)
 	}
+	// The public listener's certificates came from the built-in CA's ACME provisioner: counted
+	// and audited like every other certificate it issues.
+	tg.waitAudit("cert.issued by ACME for web.wicket.test", func(r audit.Record) bool {
+		return r.Type == audit.TypeCertIssued && r.Extra["via"] == "acme" && r.Extra["dns_names"] == "web.wicket.test"
+	})
+	if n := tg.Snapshot().Certificates[CertCount{Kind: "issued", Role: "server"}]; n < 2 {
+		t.Fatalf("wicket_certificates_total{kind=issued,role=server} = %d, want at least the 2 public hosts", n)
+	}
 	tg.waitAudit("http.request by alice", func(r audit.Record) bool {
 		return r.Type == public.TypeHTTPRequest && r.User == "alice" && r.Extra["path"] == "/page" && r.Outcome == "ok"
 	})

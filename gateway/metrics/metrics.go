@@ -75,8 +75,8 @@ func NewCollector(src Source) prometheus.Collector {
 		handshakesRefused: d(TLSHandshakesRefused, "TLS handshakes refused on the gateway port, by reason "+
 			"(unsupported_tls_version, unknown_ca, certificate_expired, certificate_revoked, wrong_role, "+
 			"no_client_certificate, ...).", "reason"),
-		certificates: d(CertificatesTotal, "Certificates issued (enrollment with a token) and renewed through "+
-			"the CA API, and revoked, by role.", "kind", "role"),
+		certificates: d(CertificatesTotal, "Certificates issued (token or ACME enrollment, the gateway's own, "+
+			"DNS-name certificates by ACME), renewed, and revoked, by role (agent, user, gateway, server).", "kind", "role"),
 		gatewayExpiry: d(GatewayCertExpiry, "Seconds until the gateway's own TLS certificate expires "+
 			"(negative once expired)."),
 		agentExpiry: d(AgentCertExpiry, "Seconds until the newest certificate of each connected agent "+
