@@ -71,6 +71,7 @@ type Gateway struct {
 	serverTLS *tls.Config // the port's TLS config, built once (see newServerTLS)
 
 	agentsDirty chan struct{} // the registry changed: save the agents file (saveAgentsLoop)
+	lastAnchor  atomic.Uint64 // the audit seq last logged as an anchor (logAuditAnchor)
 	audit       *audit.Log
 	policy      *policy.Watcher // nil: deny everyone
 	public      *public.Server  // nil: no public listener
@@ -343,6 +344,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.record(audit.Record{Type: audit.TypeGatewayStarted, Outcome: audit.OutcomeOK, Extra: map[string]string{
 		"listen": g.ln.Addr().String(), "public": g.publicAddr, "version": g.cfg.Version,
 		"policy": g.cfg.PolicyFile, "root_sha256": g.authority.RootFingerprint()}})
+	g.logAuditAnchor()
 
 	select {
 	case <-ctx.Done():
@@ -392,6 +394,7 @@ func (g *Gateway) Close() error {
 				g.log.Warn("could not save the list of known agents", "file", AgentsFileName, "err", err)
 			}
 			g.record(audit.Record{Type: audit.TypeGatewayStopped, Outcome: audit.OutcomeOK})
+			g.logAuditAnchor()
 		}
 		g.closeErr = g.release()
 	})
@@ -468,7 +471,7 @@ func (g *Gateway) record(r audit.Record) {
 func (g *Gateway) sweepRevoked() {
 	t := time.NewTicker(g.cfg.RevocationSweep)
 	defer t.Stop()
-	lastPrune := time.Now()
+	lastPrune, lastAnchor := time.Now(), time.Now()
 	for {
 		select {
 		case <-g.bgCtx.Done():
@@ -478,6 +481,10 @@ func (g *Gateway) sweepRevoked() {
 		if time.Since(lastPrune) > time.Minute {
 			lastPrune = time.Now()
 			g.pruneSerials(time.Now())
+		}
+		if time.Since(lastAnchor) > auditAnchorEvery {
+			lastAnchor = time.Now()
+			g.logAuditAnchor()
 		}
 		var revoked []string
 		serials := g.peers.serials()
@@ -581,6 +588,22 @@ func setIdentity(r *audit.Record, id ca.Identity) {
 	case ca.RoleUser:
 		r.User = id.Name
 	}
+}
+
+// auditAnchorEvery is how often the audit log's head is logged while it grows.
+const auditAnchorEvery = 10 * time.Minute
+
+// logAuditAnchor writes the audit log's head to the operational log as an "audit anchor"
+// line: at start, every auditAnchorEvery while records are added, and at stop. The
+// operational log usually leaves the host (journald, a log collector), where whoever can
+// rewrite the audit file cannot follow; `wicket audit verify --anchor SEQ:HASH` then shows
+// whether records were cut off the end or the file rewritten since.
+func (g *Gateway) logAuditAnchor() {
+	seq, hash := g.audit.Head()
+	if seq == 0 || g.lastAnchor.Swap(seq) == seq {
+		return
+	}
+	g.log.Info("audit anchor", "anchor", audit.Anchor{Seq: seq, Hash: hash}.String(), "file", g.audit.Path())
 }
 
 // onGatewayCertificate counts and audits the gateway's own server certificate, issued by the

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -395,6 +396,35 @@ func TestAuditChain(t *testing.T) {
 	out, errOut, err := h.Run(nil, "audit", "verify", logPath)
 	if err != nil {
 		t.Fatalf("audit verify on an untouched log: %v\n%s%s", err, out, errOut)
+	}
+	// The anchor verify prints is the one the gateway logged when it stopped (its operational
+	// log is what leaves the host), and a later verify against it catches a cut-off tail,
+	// which the chain alone cannot.
+	m := regexp.MustCompile(`(?m)^anchor: (\d+:[0-9a-f]{64})$`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("audit verify printed no anchor:\n%s", out)
+	}
+	anchor := m[1]
+	if !strings.Contains(gw.Output(), anchor) {
+		t.Fatalf("the gateway did not log the anchor %s when it stopped:\n%s", anchor, gw.Output())
+	}
+	if out, errOut, err := h.Run(nil, "audit", "verify", logPath, "--anchor", anchor); err != nil || !strings.Contains(out, "1 anchor(s) hold") {
+		t.Fatalf("audit verify against its own anchor: %v\n%s%s", err, out, errOut)
+	}
+	full, err := os.ReadFile(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := strings.SplitAfter(string(full), "\n")
+	cut := filepath.Join(t.TempDir(), "cut.log")
+	if err := os.WriteFile(cut, []byte(strings.Join(kept[:len(kept)-3], "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := h.Run(nil, "audit", "verify", cut); err != nil {
+		t.Fatalf("a log with its tail cut still verifies on its own chain: %v", err)
+	}
+	if _, errOut, err := h.Run(nil, "audit", "verify", cut, "--anchor", anchor); err == nil || !strings.Contains(errOut, "cut off the end") {
+		t.Fatalf("audit verify --anchor accepted a log with its tail cut: %v %q", err, errOut)
 	}
 
 	data, err := os.ReadFile(logPath)

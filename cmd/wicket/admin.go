@@ -21,7 +21,7 @@ func init() {
 	register("agents", "wicket agents list [--json] | wicket agents revoke NAME", runAgents)
 	register("users", "wicket users revoke NAME", runUsers)
 	register("sessions", "wicket sessions list [--json]", runSessions)
-	register("audit", "wicket audit verify FILE", runAudit)
+	register("audit", "wicket audit verify FILE [--anchor SEQ:HASH]...", runAudit)
 }
 
 // adminClient returns a client for the gateway whose data dir is dir.
@@ -160,23 +160,42 @@ func runSessions(ctx context.Context, args []string) error {
 
 func runAudit(ctx context.Context, args []string) error {
 	fs := newFlagSet("audit")
+	var anchorArgs stringList
+	fs.Var(&anchorArgs, "anchor", "SEQ:HASH printed by an earlier verify or logged by the gateway (\"audit anchor\"); "+
+		"the record must still be there, unchanged (repeatable)")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 2 || pos[0] != "verify" {
-		return errors.New("usage: wicket audit verify FILE")
+		return errors.New("usage: wicket audit verify FILE [--anchor SEQ:HASH]...")
 	}
-	res, err := audit.VerifyFile(pos[1])
+	var anchors []audit.Anchor
+	for _, s := range anchorArgs {
+		a, err := audit.ParseAnchor(s)
+		if err != nil {
+			return err
+		}
+		anchors = append(anchors, a)
+	}
+	res, err := audit.VerifyFileAnchored(pos[1], anchors...)
 	if err != nil {
 		var ve *audit.VerifyError
-		if errors.As(err, &ve) {
-			return fmt.Errorf("audit log %s was edited or damaged: line %d: %s", pos[1], ve.Line, ve.Detail)
+		if !errors.As(err, &ve) {
+			return fmt.Errorf("cannot verify audit log %s: %w", pos[1], err)
 		}
-		return fmt.Errorf("cannot verify audit log %s: %w", pos[1], err)
+		if errors.Is(err, audit.ErrTruncated) || errors.Is(err, audit.ErrRewritten) {
+			return fmt.Errorf("audit log %s does not match an anchor kept elsewhere: %s", pos[1], ve.Detail)
+		}
+		return fmt.Errorf("audit log %s was edited or damaged: line %d: %s", pos[1], ve.Line, ve.Detail)
 	}
-	// The head is what to anchor elsewhere: the chain alone cannot show a cut-off tail.
 	fmt.Printf("ok: %d records (last seq %d, head %s)\n", res.Records, res.LastSeq, res.Head)
+	if len(anchors) > 0 {
+		fmt.Printf("ok: %d anchor(s) hold\n", len(anchors))
+	}
+	// The chain alone cannot show a cut-off tail or a log rewritten from scratch: keep this
+	// anchor off the host and pass it to a later verify.
+	fmt.Printf("anchor: %s\n", audit.Anchor{Seq: res.LastSeq, Hash: res.Head})
 	if len(res.Sealed) > 0 {
 		fmt.Printf("note: line(s) %v were torn by a crash and sealed by the gateway on restart (not tampering)\n", res.Sealed)
 	}

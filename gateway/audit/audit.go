@@ -18,8 +18,10 @@
 // last line) and leave a shorter chain that still verifies. To make truncation
 // detectable, anchor the head somewhere the gateway host cannot rewrite:
 // [Log.Head] and [VerifyResult] give the newest sequence number and line hash,
-// and an auditor compares them with the anchored copy (for example one shipped
-// to a log collector or printed in a ticket).
+// an [Anchor], and [VerifyFileAnchored] checks a file against anchors kept
+// elsewhere (for example the "audit anchor" lines the gateway logs, shipped to
+// a log collector): a record cut off the end is [ErrTruncated], a log rewritten
+// with a recomputed chain [ErrRewritten].
 //
 // # Durability
 //

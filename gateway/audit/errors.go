@@ -32,4 +32,11 @@ var (
 	// ErrSeq: the chain links but seq does not increase by exactly one (or
 	// the first record does not start at 1): the seq field was altered.
 	ErrSeq = errors.New("sequence number broken")
+	// ErrTruncated: an anchor names a seq past the log's last record: records
+	// were cut off the end.
+	ErrTruncated = errors.New("records cut off the end")
+	// ErrRewritten: the record at an anchored seq is not the anchored line:
+	// the log was rewritten up to there (a chain recomputed from an edit
+	// verifies on its own; only an anchor kept elsewhere shows it).
+	ErrRewritten = errors.New("log rewritten")
 )

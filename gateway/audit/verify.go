@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"strings"
 )
 
 // VerifyResult summarises a log that verified (or the part before the first
@@ -68,6 +69,53 @@ func VerifyFile(path string) (VerifyResult, error) {
 	return res, nil
 }
 
+// Anchor is a record's seq and line hash, kept somewhere the gateway host cannot rewrite
+// (a log collector, a ticket): verifying against it shows records cut off the end and a log
+// rewritten with a recomputed chain, which the chain alone cannot show. Its text form, as
+// `wicket audit verify` prints it and the gateway logs it, is "SEQ:HASH".
+type Anchor struct {
+	Seq  uint64
+	Hash string
+}
+
+// String is the "SEQ:HASH" form.
+func (a Anchor) String() string { return strconv.FormatUint(a.Seq, 10) + ":" + a.Hash }
+
+// ParseAnchor reads the "SEQ:HASH" form.
+func ParseAnchor(s string) (Anchor, error) {
+	seq, hash, ok := strings.Cut(strings.TrimSpace(s), ":")
+	n, err := strconv.ParseUint(seq, 10, 64)
+	if !ok || err != nil || n == 0 || len(hash) != sha256.Size*2 || strings.Trim(strings.ToLower(hash), "0123456789abcdef") != "" {
+		return Anchor{}, fmt.Errorf("audit anchor %q is not SEQ:HASH (a record number and the 64-hex-digit SHA-256 of its line, as `wicket audit verify` prints them)", s)
+	}
+	return Anchor{Seq: n, Hash: strings.ToLower(hash)}, nil
+}
+
+// VerifyFileAnchored verifies the audit log at path like [VerifyFile] and
+// then checks every anchor: the record with the anchor's seq must exist and
+// its line must have the anchor's hash. A missing record is ErrTruncated, a
+// different line ErrRewritten (both in a *VerifyError).
+func VerifyFileAnchored(path string, anchors ...Anchor) (VerifyResult, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return VerifyResult{Head: Genesis}, fmt.Errorf("verify audit log: %w", err)
+	}
+	defer f.Close()
+	v := newVerifier(f)
+	v.anchors = map[uint64]string{}
+	for _, a := range anchors {
+		v.anchors[a.Seq] = a.Hash
+	}
+	res, err := v.run()
+	if err == nil {
+		err = v.checkAnchors()
+	}
+	if err != nil {
+		return res, fmt.Errorf("verify %s: %w", path, err)
+	}
+	return res, nil
+}
+
 // Verify reads a whole audit log and checks its chain: the first record has
 // seq 1 and prev Genesis, every further record has seq one more than the
 // previous record and prev equal to the SHA-256 of the previous line. A line
@@ -77,11 +125,14 @@ func VerifyFile(path string) (VerifyResult, error) {
 // *VerifyError naming the line; an I/O error is returned as is. The result
 // describes the lines before the error.
 func Verify(r io.Reader) (VerifyResult, error) {
-	v := verifier{
+	return newVerifier(r).run()
+}
+
+func newVerifier(r io.Reader) *verifier {
+	return &verifier{
 		res: VerifyResult{Head: Genesis},
 		in:  bufio.NewReaderSize(r, MaxRecordSize+1),
 	}
-	return v.run()
 }
 
 // chainFields is the part of a record that verification reads; decoding
@@ -104,6 +155,29 @@ type verifier struct {
 	in   *bufio.Reader
 	res  VerifyResult
 	line int
+
+	anchors map[uint64]string // seq -> expected line hash; checked ones are removed
+	badLine int               // the line whose hash differs from its anchor
+	badSeq  uint64
+}
+
+// checkAnchors reports the first anchor that did not hold, after the whole log verified.
+func (v *verifier) checkAnchors() error {
+	if v.badLine != 0 {
+		return &VerifyError{Line: v.badLine, Kind: ErrRewritten, Detail: fmt.Sprintf(
+			"record seq %d is not the anchored one: the log was rewritten up to here", v.badSeq)}
+	}
+	var missing uint64
+	for seq := range v.anchors {
+		if missing == 0 || seq < missing {
+			missing = seq
+		}
+	}
+	if missing != 0 {
+		return &VerifyError{Line: v.res.Lines + 1, Kind: ErrTruncated, Detail: fmt.Sprintf(
+			"the log ends at seq %d but an anchor names seq %d: records were cut off the end", v.res.LastSeq, missing)}
+	}
+	return nil
 }
 
 // next returns the next line, or nil at end of input.
@@ -241,6 +315,12 @@ func (v *verifier) check(l *rawLine) error {
 	v.res.Records++
 	v.res.LastSeq = rec.Seq
 	v.res.Head = lineHash(l.b)
+	if want, ok := v.anchors[rec.Seq]; ok {
+		delete(v.anchors, rec.Seq)
+		if want != v.res.Head && v.badLine == 0 {
+			v.badLine, v.badSeq = l.no, rec.Seq
+		}
+	}
 	return nil
 }
 
