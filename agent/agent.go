@@ -6,7 +6,8 @@
 // lifetime and moves to a new session make-before-break, so no stream fails
 // because of a renewal.
 //
-// What it must NOT do: dial anything that is not in Config.Expose (the
+// What it must NOT do: dial anything that is not in Config.Expose or the
+// latest list from Config.ExposeUpdates (the
 // gateway names a resource, never an address, so a compromised gateway
 // cannot use an agent to reach anything else); accept inbound connections;
 // log a token or a key; keep running on an expired or revoked certificate.
@@ -21,10 +22,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/url"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/wicketgw/wicket/agent/identity"
@@ -52,6 +55,13 @@ type Config struct {
 	// Expose maps a resource name (a DNS label) to the host:port the agent
 	// dials for it. The only addresses the agent ever dials. Required.
 	Expose map[string]string
+	// ExposeUpdates, if set, delivers later versions of Expose (`wicket
+	// agent` sends one on SIGHUP after re-reading its configuration). Each
+	// replaces the whole list once validated like Expose (an invalid one is
+	// logged and ignored): new streams use it at once, streams already open
+	// keep their connection, and the gateway learns it from a later Hello on
+	// a new control stream, without the session being interrupted.
+	ExposeUpdates <-chan map[string]string
 	// Tunnel holds the session knobs. Zero: tunnel.DefaultConfig().
 	Tunnel tunnel.Config
 	// DialTimeout bounds dialing a resource. Default 10s.
@@ -105,14 +115,13 @@ const goAwayDelay = time.Second
 // ErrConfig marks an invalid Config.
 var ErrConfig = errors.New("invalid agent configuration")
 
-func (c *Config) setDefaults() error {
-	if c.DataDir == "" {
-		return fmt.Errorf("%w: a data directory is required (--data-dir or WICKET_DATA_DIR)", ErrConfig)
-	}
-	if len(c.Expose) == 0 {
+// validateExpose checks a list of exposed resources: at least one, each a valid name and a
+// HOST:PORT.
+func validateExpose(expose map[string]string) error {
+	if len(expose) == 0 {
 		return fmt.Errorf("%w: expose at least one resource (--expose NAME=HOST:PORT)", ErrConfig)
 	}
-	for name, addr := range c.Expose {
+	for name, addr := range expose {
 		if err := ca.ValidName(name); err != nil {
 			return fmt.Errorf("%w: resource name: %v", ErrConfig, err)
 		}
@@ -120,6 +129,26 @@ func (c *Config) setDefaults() error {
 		if err != nil || host == "" || port == "" {
 			return fmt.Errorf("%w: resource %s: %q is not HOST:PORT", ErrConfig, name, addr)
 		}
+	}
+	return nil
+}
+
+// exposure is one version of the exposed resources: what handle dials and hellos announce.
+type exposure struct {
+	targets map[string]string
+	names   []string // sorted
+}
+
+func newExposure(m map[string]string) *exposure {
+	return &exposure{targets: maps.Clone(m), names: slices.Sorted(maps.Keys(m))}
+}
+
+func (c *Config) setDefaults() error {
+	if c.DataDir == "" {
+		return fmt.Errorf("%w: a data directory is required (--data-dir or WICKET_DATA_DIR)", ErrConfig)
+	}
+	if err := validateExpose(c.Expose); err != nil {
+		return err
 	}
 	if c.Tunnel == (tunnel.Config{}) {
 		c.Tunnel = tunnel.DefaultConfig()
@@ -196,7 +225,8 @@ type agent struct {
 	roots    *x509.CertPool
 	host     string
 	instance string
-	names    []string
+	exposed  atomic.Pointer[exposure]
+	announce chan struct{} // the exposed resources changed: send the gateway a later Hello
 
 	drains       sync.WaitGroup // sessions being drained after a switch
 	lastDiagnose time.Time
@@ -215,11 +245,6 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 	roots.AddCert(stored.Creds.Root)
 	var inst [8]byte
 	_, _ = rand.Read(inst[:])
-	names := make([]string, 0, len(cfg.Expose))
-	for n := range cfg.Expose {
-		names = append(names, n)
-	}
-	slices.Sort(names)
 	log := cfg.Logger.With("agent", stored.Name)
 	if cfg.Stats == nil {
 		cfg.Stats = &Stats{}
@@ -244,7 +269,7 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 		}
 		return c, nil
 	}
-	return &agent{
+	a := &agent{
 		cfg:  cfg,
 		log:  log,
 		meta: stored.Meta,
@@ -255,19 +280,25 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 		roots:    roots,
 		host:     u.Hostname(),
 		instance: hex.EncodeToString(inst[:]),
-		names:    names,
-	}, nil
+		announce: make(chan struct{}, 1),
+	}
+	a.exposed.Store(newExposure(cfg.Expose))
+	return a, nil
 }
 
 func (a *agent) run(ctx context.Context) error {
 	leaf := a.renewer.Current().Chain[0]
-	a.log.Info("agent starting", "gateway", a.meta.URL, "resources", a.names, "instance", a.instance,
+	a.log.Info("agent starting", "gateway", a.meta.URL, "resources", a.exposed.Load().names, "instance", a.instance,
 		"cert_expires", leaf.NotAfter.UTC().Format(time.RFC3339))
 
 	rctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
 	var wg sync.WaitGroup
-	wg.Add(1)
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		a.watchExpose(rctx)
+	}()
 	go func() {
 		defer wg.Done()
 		if err := a.renewer.Run(rctx); err != nil && rctx.Err() == nil {
@@ -336,6 +367,8 @@ func (a *agent) connect(ctx context.Context, fail context.CancelCauseFunc) error
 			} else {
 				retrySwitch = a.cfg.After(switchBackoff.Next())
 			}
+		case <-a.announce:
+			a.announceResources(ctx, cur)
 		case <-retrySwitch:
 			retrySwitch = nil
 			if next := a.switchSession(ctx, cur); next != nil {
@@ -346,6 +379,53 @@ func (a *agent) connect(ctx context.Context, fail context.CancelCauseFunc) error
 			}
 		}
 	}
+}
+
+// watchExpose applies the lists from Config.ExposeUpdates until ctx ends.
+func (a *agent) watchExpose(ctx context.Context) {
+	for {
+		var m map[string]string
+		select {
+		case <-ctx.Done():
+			return
+		case m = <-a.cfg.ExposeUpdates:
+		}
+		cur := a.exposed.Load()
+		if err := validateExpose(m); err != nil {
+			a.log.Warn("ignored the new list of resources; the previous one stays in force", "err", err, "resources", cur.names)
+			continue
+		}
+		if maps.Equal(m, cur.targets) {
+			a.log.Info("the list of resources is unchanged", "resources", cur.names)
+			continue
+		}
+		next := newExposure(m)
+		a.exposed.Store(next)
+		a.log.Info("now exposing a new list of resources", "resources", next.names, "previous", cur.names)
+		select {
+		case a.announce <- struct{}{}:
+		default: // an announcement is already pending; it will send the newest list
+		}
+	}
+}
+
+// announceResources tells the gateway the current list of resources with a later Hello on a
+// new control stream of s (tunnel/PROTOCOL.md section 5). If that fails, the next session
+// (after a reconnect or renewal) announces the list in its first Hello.
+func (a *agent) announceResources(ctx context.Context, s *session) {
+	ctx, cancel := context.WithTimeout(ctx, a.cfg.HelloTimeout)
+	defer cancel()
+	names := a.exposed.Load().names
+	ctl, err := s.sess.OpenControl(ctx)
+	if err == nil {
+		err = ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: names})
+		ctl.Close()
+	}
+	if err != nil {
+		a.log.Warn("could not tell the gateway the new list of resources; the next session will", "err", err, "session", s.gatewaySession)
+		return
+	}
+	a.log.Info("told the gateway the new list of resources", "resources", names, "session", s.gatewaySession)
 }
 
 // switchSession opens a session with the newest certificate and, once the

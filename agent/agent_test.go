@@ -75,6 +75,63 @@ func TestServeStreams(t *testing.T) {
 	st.Close()
 }
 
+// TestExposeUpdates replaces the exposed resources of a running agent (what SIGHUP does in
+// `wicket agent`): new streams follow the new list at once, a stream already open keeps its
+// connection, an invalid list is ignored, and the gateway hears each change as a later Hello
+// on a new control stream of the same session.
+func TestExposeUpdates(t *testing.T) {
+	p := testpki.New("example.test")
+	gw := startGateway(t, p)
+	now := time.Now()
+	dir, _ := storeAgent(t, p, gw.url(), "db1", now.Add(-time.Minute), now.Add(time.Hour))
+	echo, web := echoServer(t), echoServer(t)
+	updates := make(chan map[string]string)
+	startAgent(t, Config{DataDir: dir, Expose: map[string]string{"echo": echo}, ExposeUpdates: updates})
+	gs := gw.next(t)
+	open, err := gs.open("echo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, open, "before")
+
+	later := func() tunnel.Hello {
+		t.Helper()
+		select {
+		case h := <-gs.later:
+			return h
+		case <-time.After(10 * time.Second):
+			t.Fatal("the agent sent no later hello")
+		}
+		return tunnel.Hello{}
+	}
+	updates <- map[string]string{"echo": echo, "web": web}
+	if h := later(); strings.Join(h.Resources, ",") != "echo,web" || h.Name != "db1" || h.Instance != gs.hello.Instance {
+		t.Fatalf("later hello = %+v", h)
+	}
+	st, err := gs.open("web")
+	if err != nil {
+		t.Fatalf("a resource added by the update: %v", err)
+	}
+	roundTrip(t, st, "web")
+	st.Close()
+
+	updates <- map[string]string{"bad name!": web} // refused: the previous list stays
+	updates <- map[string]string{"web": web}       // echo removed
+	if h := later(); strings.Join(h.Resources, ",") != "web" {
+		t.Fatalf("later hello after removing echo = %+v", h)
+	}
+	if _, err := gs.open("echo"); !errors.Is(err, tunnel.ErrUnknownResource) {
+		t.Fatalf("a removed resource: err = %v, want ErrUnknownResource", err)
+	}
+	roundTrip(t, open, "the stream opened before the update keeps its connection")
+	open.Close()
+	select {
+	case h := <-gs.later:
+		t.Fatalf("an extra later hello %+v (the invalid list must not be announced)", h)
+	default:
+	}
+}
+
 // TestMakeBeforeBreak renews the certificate while a stream is in flight:
 // the agent opens a new session with the new certificate, new streams go
 // there, the old stream completes on the old session, which is then closed.

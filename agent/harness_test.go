@@ -53,6 +53,8 @@ type gwSession struct {
 	hello tunnel.Hello
 	leaf  *x509.Certificate
 	ctl   *tunnel.Control
+	// later receives each later Hello the agent sends on a new control stream.
+	later chan tunnel.Hello
 }
 
 func startGateway(t testing.TB, p *testpki.PKI) *fakeGateway {
@@ -126,9 +128,26 @@ func (gw *fakeGateway) serve(c *tls.Conn) {
 		s.Close()
 		return
 	}
+	gs.later = make(chan tunnel.Hello, 8)
 	gw.mu.Lock()
 	gw.all = append(gw.all, gs)
 	gw.mu.Unlock()
+	// Later control streams, as the real gateway serves them.
+	gw.wg.Add(1)
+	go func() {
+		defer gw.wg.Done()
+		for {
+			st, err := s.AcceptStream(context.Background())
+			if err != nil {
+				return
+			}
+			var h tunnel.Hello
+			if st.Header().Kind == tunnel.KindControl && st.Reply(tunnel.StatusOK, "") == nil && st.Control().Recv(&h) == nil {
+				gs.later <- h
+			}
+			st.Close()
+		}
+	}()
 	gw.sessions <- gs
 }
 

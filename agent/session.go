@@ -125,7 +125,7 @@ func (a *agent) hello(ctx context.Context, ts *tunnel.Session) (*tunnel.Control,
 	if err != nil {
 		return nil, ack, err
 	}
-	if err := ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: a.names}); err != nil {
+	if err := ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: a.exposed.Load().names}); err != nil {
 		return nil, ack, err
 	}
 	stop := context.AfterFunc(ctx, func() { ctl.Stream().SetReadDeadline(time.Unix(1, 0)) })
@@ -176,7 +176,7 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 		st.Close()
 		return
 	}
-	target, ok := a.cfg.Expose[h.Resource]
+	target, ok := a.exposed.Load().targets[h.Resource]
 	if !ok {
 		a.cfg.Stats.StreamsRefused.Add(1)
 		log.Warn("refused a stream for a resource this agent does not expose")

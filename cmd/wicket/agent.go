@@ -2,10 +2,15 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/wicketgw/wicket/agent"
@@ -16,23 +21,37 @@ func init() {
 	register("agent", "wicket agent --token TOKEN --data-dir DIR --expose NAME=HOST:PORT [--expose ...]   (later: wicket agent --data-dir DIR --expose ...)", runAgent)
 }
 
-func runAgent(ctx context.Context, args []string) error {
-	// Every flag is also WICKET_<FLAG> in the environment and <flag>: in the
-	// --config file (parseFlags, config.go).
+// agentOpts are the values of `wicket agent`'s flags.
+type agentOpts struct {
+	printCfg                                      *bool
+	dataDir, token, tokenFile                     *string
+	expose                                        stringList
+	dialTimeout, drainTimeout, grace, renewPeriod *time.Duration
+	metricsListen, logFormat, logLevel            *string
+}
+
+// agentFlags defines the flags of `wicket agent`. Every flag is also WICKET_<FLAG> in the
+// environment and <flag>: in the --config file (parseFlags, config.go).
+func agentFlags() (*flag.FlagSet, *agentOpts) {
 	fs := newFlagSet("agent")
-	fs.String("config", "", "YAML file with any of these flags as keys (env WICKET_CONFIG)")
-	printCfg := fs.Bool("print-config", false, "print the effective configuration (secrets redacted) and exit")
-	dataDir := dataDirFlag(fs)
-	token := fs.String("token", "", "one-time agent token from `wicket token create agent NAME` (or an ACME enrollment credential from `... --acme`: the agent then enrolls and renews by ACME); needed only for the first start (prefer WICKET_TOKEN or --token-file: a flag is visible to every local user in ps)")
-	tokenFile := fs.String("token-file", "", "file holding the one-time agent token")
-	var expose stringList
-	fs.Var(&expose, "expose", "NAME=HOST:PORT: a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE)")
-	dialTimeout := fs.Duration("dial-timeout", 10*time.Second, "how long to wait when connecting to a resource")
-	drainTimeout := fs.Duration("drain-timeout", 0, "after a renewal, how long the previous session may keep its streams (0: until they end or its certificate expires)")
-	grace := fs.Duration("grace-period", 10*time.Second, "on SIGTERM, how long streams in flight may finish (new ones go to other agents of the same name)")
-	renewPeriod := fs.Duration("renew-period", 0, "renew the certificate every DUR instead of at about 2/3 of its lifetime (tests, demos); 0: off")
-	metricsListen := fs.String("metrics-listen", "", "HOST:PORT for Prometheus /metrics and the /healthz, /readyz probes (plain HTTP, no authentication: use loopback); empty = off")
-	logFormat, logLevel := logFlags(fs)
+	o := &agentOpts{}
+	fs.String("config", "", "YAML file with any of these flags as keys (env WICKET_CONFIG); on SIGHUP the agent re-reads it and applies a changed expose list")
+	o.printCfg = fs.Bool("print-config", false, "print the effective configuration (secrets redacted) and exit")
+	o.dataDir = dataDirFlag(fs)
+	o.token = fs.String("token", "", "one-time agent token from `wicket token create agent NAME` (or an ACME enrollment credential from `... --acme`: the agent then enrolls and renews by ACME); needed only for the first start (prefer WICKET_TOKEN or --token-file: a flag is visible to every local user in ps)")
+	o.tokenFile = fs.String("token-file", "", "file holding the one-time agent token")
+	fs.Var(&o.expose, "expose", "NAME=HOST:PORT: a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE)")
+	o.dialTimeout = fs.Duration("dial-timeout", 10*time.Second, "how long to wait when connecting to a resource")
+	o.drainTimeout = fs.Duration("drain-timeout", 0, "after a renewal, how long the previous session may keep its streams (0: until they end or its certificate expires)")
+	o.grace = fs.Duration("grace-period", 10*time.Second, "on SIGTERM, how long streams in flight may finish (new ones go to other agents of the same name)")
+	o.renewPeriod = fs.Duration("renew-period", 0, "renew the certificate every DUR instead of at about 2/3 of its lifetime (tests, demos); 0: off")
+	o.metricsListen = fs.String("metrics-listen", "", "HOST:PORT for Prometheus /metrics and the /healthz, /readyz probes (plain HTTP, no authentication: use loopback); empty = off")
+	o.logFormat, o.logLevel = logFlags(fs)
+	return fs, o
+}
+
+func runAgent(ctx context.Context, args []string) error {
+	fs, o := agentFlags()
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
@@ -40,25 +59,25 @@ func runAgent(ctx context.Context, args []string) error {
 	if len(pos) > 0 {
 		return fmt.Errorf("unexpected argument %q; see `wicket agent -h`", pos[0])
 	}
-	if *printCfg {
+	if *o.printCfg {
 		return printConfig(os.Stdout, fs)
 	}
-	tok, err := readToken(*token, *tokenFile)
+	tok, err := readToken(*o.token, *o.tokenFile)
 	if err != nil {
 		return err
 	}
-	resources, err := parseExpose(expose)
+	resources, err := parseExpose(o.expose)
 	if err != nil {
 		return err
 	}
-	logger, err := newLogger(*logFormat, *logLevel)
+	logger, err := newLogger(*o.logFormat, *o.logLevel)
 	if err != nil {
 		return err
 	}
 	stats := &agent.Stats{}
 	stopMetrics := func() error { return nil }
-	if *metricsListen != "" {
-		ms, err := agentmetrics.Listen(*metricsListen, stats, logger.With("component", "metrics"))
+	if *o.metricsListen != "" {
+		ms, err := agentmetrics.Listen(*o.metricsListen, stats, logger.With("component", "metrics"))
 		if err != nil {
 			return err
 		}
@@ -68,23 +87,72 @@ func runAgent(ctx context.Context, args []string) error {
 		go func() { done <- ms.Serve(mctx) }()
 		stopMetrics = func() error { cancel(); return <-done }
 	}
+	// SIGHUP re-reads the configuration (flags, WICKET_* and the --config file, in that order,
+	// as at start) and hands the agent the expose list it now says.
+	updates := make(chan map[string]string)
+	stopReload := reloadExposeOnHUP(ctx, args, updates, logger)
+	defer stopReload()
 	// ctx ends on SIGINT/SIGTERM (main.go): the agent drains up to --grace-period and returns nil.
 	runErr := agent.Run(ctx, agent.Config{
-		Stats:        stats,
-		DataDir:      *dataDir,
-		Token:        tok,
-		Expose:       resources,
-		DialTimeout:  *dialTimeout,
-		DrainTimeout: *drainTimeout,
-		GracePeriod:  *grace,
-		RenewPeriod:  *renewPeriod,
-		Version:      versionString(),
-		Logger:       logger,
+		ExposeUpdates: updates,
+		Stats:         stats,
+		DataDir:       *o.dataDir,
+		Token:         tok,
+		Expose:        resources,
+		DialTimeout:   *o.dialTimeout,
+		DrainTimeout:  *o.drainTimeout,
+		GracePeriod:   *o.grace,
+		RenewPeriod:   *o.renewPeriod,
+		Version:       versionString(),
+		Logger:        logger,
 	})
 	if err := stopMetrics(); err != nil && runErr == nil {
 		runErr = err
 	}
 	return runErr
+}
+
+// reloadExposeOnHUP re-reads the agent's configuration on each SIGHUP and sends the expose
+// list it finds to updates. A configuration that no longer parses is logged and ignored. The
+// returned func stops it.
+func reloadExposeOnHUP(ctx context.Context, args []string, updates chan<- map[string]string, log *slog.Logger) (stop func()) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+			}
+			fs, o := agentFlags()
+			fs.SetOutput(io.Discard)
+			m, err := func() (map[string]string, error) {
+				if _, err := parseFlags(fs, args); err != nil {
+					return nil, err
+				}
+				return parseExpose(o.expose)
+			}()
+			if err != nil {
+				log.Warn("SIGHUP: the configuration could not be read again; nothing changed", "err", err)
+				continue
+			}
+			log.Info("SIGHUP: configuration read again", "resources", len(m))
+			select {
+			case updates <- m:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return func() {
+		signal.Stop(hup)
+		cancel()
+		<-done
+	}
 }
 
 // parseExpose turns NAME=HOST:PORT values into a map; agent.Run validates
