@@ -511,7 +511,7 @@ type frameConn struct {
 	cond     sync.Cond // signalled when space frees up, a flush ends, or the conn fails
 	buf      []byte    // bytes waiting for the flusher (nil when idle)
 	spare    []byte    // the buffer the flusher wrote last, reused for the next batch
-	flushing bool      // a flusher goroutine is running
+	flushing bool      // a flusher goroutine, or a direct write, is writing to the connection
 	err      error     // set once: the first failure, or net.ErrClosed after Close
 	failed   bool      // a write failed: skip close_notify
 	deadline time.Time // the write deadline currently set (used by whoever writes: flusher or direct)
