@@ -2,9 +2,7 @@ package ca
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -17,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/wicketgw/wicket/ca/pgtest"
 	"go.uber.org/goleak"
 )
 
@@ -26,40 +24,8 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("github.com/golang/glog.(*fileSink).flushDaemon"))
 }
 
-const pgAdminDSN = "postgresql://postgres@127.0.0.1:5432/postgres?sslmode=disable"
-
 // freshPostgres creates a uniquely named database for one test and drops it after.
-// PostgreSQL must be running: the test fails (never skips) when it is not.
-func freshPostgres(t testing.TB) string {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, pgAdminDSN)
-	if err != nil {
-		t.Fatalf("PostgreSQL at 127.0.0.1:5432 is unreachable (start it, see DEVELOPERS.md): %v", err)
-	}
-	defer conn.Close(context.Background())
-	var b [6]byte
-	_, _ = rand.Read(b[:])
-	name := "wicket_ca_test_" + hex.EncodeToString(b[:])
-	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		t.Fatalf("create test database: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		c, err := pgx.Connect(ctx, pgAdminDSN)
-		if err != nil {
-			t.Errorf("drop test database: %v", err)
-			return
-		}
-		defer c.Close(context.Background())
-		if _, err := c.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
-			t.Errorf("drop test database %s: %v", name, err)
-		}
-	})
-	return "postgresql://postgres@127.0.0.1:5432/" + name + "?sslmode=disable"
-}
+func freshPostgres(t testing.TB) string { return pgtest.Database(t, "wicket_ca_test") }
 
 // forEachDB runs fn against bbolt and against a fresh PostgreSQL database.
 func forEachDB(t *testing.T, fn func(t *testing.T, dsn string)) {

@@ -75,6 +75,8 @@ type Gateway struct {
 	audit       *audit.Log
 	policy      *policy.Watcher // nil: deny everyone
 	public      *public.Server  // nil: no public listener
+	// publicStorage holds the public listener's certificates when the database is PostgreSQL.
+	publicStorage *public.PostgresStorage
 
 	ln      net.Listener
 	httpLn  *memListener
@@ -407,6 +409,9 @@ func (g *Gateway) release() error {
 	var errs []error
 	if g.public != nil {
 		_ = g.public.Close()
+	}
+	if g.publicStorage != nil {
+		g.publicStorage.Close()
 	}
 	if g.policy != nil {
 		if err := g.policy.Close(); err != nil {

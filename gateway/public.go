@@ -78,6 +78,18 @@ func (g *Gateway) newPublic(hosts map[string]public.Host) (*public.Server, error
 		ShutdownGrace: g.cfg.GracePeriod,
 		Logger:        g.log.With("component", "public"),
 	}
+	if g.cfg.DB != "" {
+		// The database is PostgreSQL (the CA accepts nothing else as --db): gateways sharing it
+		// share their public certificates, ACME account and locks too.
+		ctx, cancel := context.WithTimeout(g.bgCtx, 30*time.Second)
+		st, err := public.NewPostgresStorage(ctx, g.cfg.DB)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
+		g.publicStorage = st
+		cfg.Storage = st
+	}
 	if strings.EqualFold(pc.ACMECA, "internal") {
 		cfg.ACMECA = "internal"
 		cfg.Internal = public.InternalCA{DirectoryURL: g.authority.ACMEDirectoryURL(), Roots: g.authority.RootPool()}

@@ -3,13 +3,20 @@ package gateway
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/wicketgw/wicket/ca/pgtest"
 
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway/audit"
@@ -128,4 +135,37 @@ func TestPublicEndToEnd(t *testing.T) {
 	if st, _ := fetch(alice, "app.wicket.test"); st != 403 {
 		t.Fatalf("alice after revocation: %d, want 403", st)
 	}
+}
+
+// With a PostgreSQL database the public listener keeps its certificates there (so gateways
+// sharing the database share them), not in <data-dir>/certmagic.
+func TestPublicCertificatesInPostgreSQL(t *testing.T) {
+	checkLeaks(t)
+	dsn := pgtest.Database(t, "wicket_gateway_test")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg := startGateway(t, func(c *Config) {
+		c.DB = dsn
+		c.Public = &PublicConfig{Listener: ln, ACMECA: "internal", Publish: []string{"web=web.wicket.test,public"}}
+	})
+	if !eventually(30*time.Second, func() bool { _, ok := tg.public.Certificate("web.wicket.test"); return ok }) {
+		t.Fatalf("no certificate: %+v", tg.public.Stats())
+	}
+	conn, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var n int
+	err = conn.QueryRow(context.Background(),
+		`SELECT count(*) FROM wicket_certmagic_data WHERE key LIKE '%web.wicket.test%'`).Scan(&n)
+	if err != nil || n < 2 {
+		t.Fatalf("certificate rows in PostgreSQL: %d, %v; want the certificate and its key at least", n, err)
+	}
+	if _, err := os.Stat(filepath.Join(tg.dir, "certmagic")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("file storage was created too: %v", err)
+	}
+	tg.stop()
 }

@@ -131,8 +131,13 @@ type Config struct {
 	// ChallengeHTTP01 (on the HTTP port). Default both (http-01 only if the HTTP listener is on).
 	Challenges []string
 	// StorageDir holds the ACME account, certificates and keys (certmagic file storage);
-	// created with mode 0700. Required; the gateway uses <data-dir>/certmagic.
+	// created with mode 0700. Required unless Storage is set; the gateway uses
+	// <data-dir>/certmagic.
 	StorageDir string
+	// Storage, if set, is used instead of file storage in StorageDir: the gateway passes a
+	// PostgresStorage when its database is PostgreSQL, so gateways sharing the database share
+	// their public certificates and locks. The caller closes it after the Server.
+	Storage certmagic.Storage
 	// RenewCheckInterval is how often certificates are checked for renewal. Default 10m.
 	RenewCheckInterval time.Duration
 	// RenewalWindowRatio is the fraction of the lifetime left at which renewal starts (ACME
@@ -183,7 +188,7 @@ func (c Config) withDefaults() (Config, error) {
 	if !strings.HasPrefix(c.ACMECA, "https://") {
 		return c, fmt.Errorf("public: %w: ACME CA %q is not an https:// directory URL (or \"internal\")", ErrConfig, c.ACMECA)
 	}
-	if c.StorageDir == "" {
+	if c.StorageDir == "" && c.Storage == nil {
 		return c, fmt.Errorf("public: %w: a certificate storage directory is required", ErrConfig)
 	}
 	if len(c.Hosts) == 0 {

@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
+	"github.com/caddyserver/certmagic"
 	"io"
 	"log/slog"
 	"math/big"
@@ -162,7 +163,8 @@ type envOptions struct {
 	verifyUser func([]*x509.Certificate) (string, error)
 	allow      func(user, resource string) bool
 	storage    string
-	pebble     *pebbleCA // reuse (with its listeners' ports) instead of starting one
+	store      certmagic.Storage // instead of file storage in storage
+	pebble     *pebbleCA         // reuse (with its listeners' ports) instead of starting one
 	ln, httpLn net.Listener
 	// internal, if set, uses the gateway's built-in CA (ACMECA "internal") instead of Pebble;
 	// issuedRoots is then what clients trust.
@@ -251,6 +253,7 @@ func startEnv(t testing.TB, o envOptions, handler http.Handler) *env {
 		Email:              "ops@wicket.test",
 		Challenges:         o.challenges,
 		StorageDir:         e.storage,
+		Storage:            o.store,
 		RenewCheckInterval: o.interval,
 		RenewalWindowRatio: o.ratio,
 		Hosts:              o.hosts,

@@ -87,11 +87,15 @@ func New(cfg Config) (s *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(cfg.StorageDir, 0o700); err != nil {
-		return nil, fmt.Errorf("public: create certificate storage %s: %w", cfg.StorageDir, err)
-	}
-	if err := os.Chmod(cfg.StorageDir, 0o700); err != nil {
-		return nil, fmt.Errorf("public: restrict certificate storage %s: %w", cfg.StorageDir, err)
+	storage := cfg.Storage
+	if storage == nil {
+		if err := os.MkdirAll(cfg.StorageDir, 0o700); err != nil {
+			return nil, fmt.Errorf("public: create certificate storage %s: %w", cfg.StorageDir, err)
+		}
+		if err := os.Chmod(cfg.StorageDir, 0o700); err != nil {
+			return nil, fmt.Errorf("public: restrict certificate storage %s: %w", cfg.StorageDir, err)
+		}
+		storage = &certmagic.FileStorage{Path: cfg.StorageDir}
 	}
 	s = &Server{cfg: cfg, log: cfg.Logger, closed: make(chan struct{})}
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
@@ -126,7 +130,7 @@ func New(cfg Config) (s *Server, err error) {
 	})
 	s.magic = certmagic.New(s.cache, certmagic.Config{
 		RenewalWindowRatio: cfg.RenewalWindowRatio,
-		Storage:            &certmagic.FileStorage{Path: cfg.StorageDir},
+		Storage:            storage,
 		OnEvent:            s.onEvent,
 		Logger:             zl,
 	})
