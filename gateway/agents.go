@@ -127,9 +127,19 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 func (g *Gateway) agentLoop(log *slog.Logger, ident ca.Identity, p *peer, as *agentSession, ctl *tunnel.Stream) {
 	defer g.stopPeer(p)
 	defer ctl.Close()
+	var limit *rateLimit // made at the agent's first stream: an idle session carries none
 	for {
 		st, err := p.sess.AcceptStream(g.bgCtx)
 		if err == nil {
+			if limit == nil {
+				limit = newRateLimit(agentStreamRate, agentStreamBurst)
+			}
+			if ok, _ := limit.allow(g.clock.Now()); !ok {
+				// Each later hello is audited: an agent may not flood the audit log.
+				_ = st.Reply(tunnel.StatusRefused, "too many streams toward the gateway: at most one per second")
+				_ = st.Close()
+				continue
+			}
 			g.agentStream(log, ident, p, as, st)
 			continue
 		}
@@ -149,6 +159,14 @@ func (g *Gateway) agentLoop(log *slog.Logger, ident ca.Identity, p *peer, as *ag
 	setIdentity(&r, ident)
 	g.record(r)
 }
+
+// The streams an agent opens toward the gateway (later hellos, and refused data streams) are
+// limited to agentStreamRate per second with bursts of agentStreamBurst; more are refused
+// without a log line or an audit record of their own.
+const (
+	agentStreamRate  = 1
+	agentStreamBurst = 5
+)
 
 // sessionOver says whether an AcceptStream error means there will be no more streams.
 func sessionOver(sess *tunnel.Session, ctx context.Context) bool {

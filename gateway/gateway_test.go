@@ -172,6 +172,24 @@ func TestAgentOpenedStreams(t *testing.T) {
 	if l := tg.Registry().List(); len(l) != 1 || !slices.Equal(l[0].Resources, []string{"echo", "web"}) || l[0].Version != "v2" {
 		t.Fatalf("registry after the later hello = %+v", l)
 	}
+	// Each later hello is audited, so an agent may not open them without limit: after a burst
+	// of five streams (two so far) the next is refused.
+	for i := range 4 {
+		ctl, err := agent.sess.OpenControl(ctx)
+		if i == 3 {
+			if s, reason, ok := replyStatus(err); !ok || s != tunnel.StatusRefused || !strings.Contains(reason, "too many streams") {
+				t.Fatalf("stream beyond the burst: %v", err)
+			}
+			break
+		}
+		if err != nil {
+			t.Fatalf("later hello %d within the burst: %v", i, err)
+		}
+		if err := ctl.Send(tunnel.Hello{Name: "db1", Instance: "inst-1", Version: "v2", Resources: []string{"web", "echo"}}); err != nil {
+			t.Fatal(err)
+		}
+		ctl.Close()
+	}
 
 	// The session still carries user streams.
 	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
