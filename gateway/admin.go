@@ -55,6 +55,7 @@ func (g *Gateway) adminHandler() http.Handler {
 	mux.HandleFunc("POST /v1/agents/{name}/revoke", func(w http.ResponseWriter, r *http.Request) {
 		g.adminRevoke(w, r, ca.RoleAgent)
 	})
+	mux.HandleFunc("DELETE /v1/agents/{name}", g.adminForget)
 	mux.HandleFunc("POST /v1/users/{name}/revoke", func(w http.ResponseWriter, r *http.Request) {
 		g.adminRevoke(w, r, ca.RoleUser)
 	})
@@ -65,6 +66,32 @@ func (g *Gateway) adminHandler() http.Handler {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no admin endpoint %s %s", r.Method, r.URL.Path))
 	})
 	return mux
+}
+
+// adminForget removes an offline agent from the registry and from AgentsFileName, for an agent
+// that was decommissioned: it no longer shows in `wicket agents list`, and its resources are
+// answered "unknown" rather than "offline". An online agent is refused: revoke or stop it first.
+func (g *Gateway) adminForget(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	rec := audit.Record{Type: audit.TypeAdminRequest, Agent: name, Outcome: audit.OutcomeOK,
+		Extra: map[string]string{"action": "forget agent"}}
+	status, msg := http.StatusOK, ""
+	switch g.registry.forget(name) {
+	case forgetUnknown:
+		status, msg = http.StatusNotFound, fmt.Sprintf("no agent named %s is known to this gateway", name)
+	case forgetOnline:
+		status, msg = http.StatusConflict, fmt.Sprintf("agent %s is online; stop it (or `wicket agents revoke %s`) before forgetting it", name, name)
+	}
+	if status != http.StatusOK {
+		rec.Type, rec.Outcome, rec.Reason = audit.TypeAdminDenied, audit.OutcomeDenied, msg
+		g.record(rec)
+		writeError(w, status, msg)
+		return
+	}
+	g.agentsChanged()
+	g.record(rec)
+	g.log.Info("agent forgotten", "agent", name)
+	writeJSON(w, http.StatusOK, map[string]string{"forgotten": name})
 }
 
 func (g *Gateway) adminToken(w http.ResponseWriter, r *http.Request) {

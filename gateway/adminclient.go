@@ -111,6 +111,11 @@ func (c *AdminClient) RevokeUser(ctx context.Context, name string) (RevokeResult
 	return out, err
 }
 
+// ForgetAgent removes an offline agent from the gateway's list of known agents.
+func (c *AdminClient) ForgetAgent(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/agents/"+url.PathEscape(name), nil, nil)
+}
+
 func (c *AdminClient) do(ctx context.Context, method, path string, body, out any) error {
 	var rd io.Reader
 	if body != nil {

@@ -801,8 +801,37 @@ func TestAgentsRememberedAcrossRestart(t *testing.T) {
 	if s, reason, ok := replyStatus(err); !ok || s != tunnel.StatusUnavailable || !strings.Contains(reason, "db1") {
 		t.Fatalf("stream to the remembered agent's resource: %v", err)
 	}
+	// `wicket agents forget`: an online agent is refused, an offline one removed for good.
+	admin := NewAdminClient(dir)
+	defer admin.Close()
+	ctx := context.Background()
+	db2, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db2"), "i", map[string]string{"web": echo})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ae *AdminError
+	if err := admin.ForgetAgent(ctx, "db2"); !errors.As(err, &ae) || ae.Status != http.StatusConflict || !strings.Contains(ae.Message, "online") {
+		t.Fatalf("forget an online agent: %v", err)
+	}
+	db2.close()
+	if err := admin.ForgetAgent(ctx, "db1"); err != nil {
+		t.Fatalf("forget the offline db1: %v", err)
+	}
+	tg.waitAudit("admin.request forget db1", func(r audit.Record) bool {
+		return r.Type == audit.TypeAdminRequest && r.Agent == "db1" && r.Extra["action"] == "forget agent"
+	})
+	if err := admin.ForgetAgent(ctx, "db1"); !errors.As(err, &ae) || ae.Status != http.StatusNotFound {
+		t.Fatalf("forget db1 twice: %v", err)
+	}
+	_, err = openStream(user, "echo")
+	if s, _, ok := replyStatus(err); !ok || s != tunnel.StatusUnknownResource {
+		t.Fatalf("stream to a forgotten agent's resource: %v, want unknown resource", err)
+	}
 	user.Close()
 	tg.stop()
+	if b, err := os.ReadFile(filepath.Join(dir, AgentsFileName)); err != nil || strings.Contains(string(b), `"db1"`) || !strings.Contains(string(b), `"db2"`) {
+		t.Fatalf("agents file after forgetting db1: %s %v", b, err)
+	}
 
 	bad := filepath.Join(dir, AgentsFileName)
 	if err := os.WriteFile(bad, []byte("{not json"), 0o600); err != nil {

@@ -204,3 +204,27 @@ func (r *Registry) List() []AgentInfo {
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
+
+// forgetResult is what Registry.forget did.
+type forgetResult int
+
+const (
+	forgotten forgetResult = iota
+	forgetUnknown
+	forgetOnline
+)
+
+// forget drops an offline agent's record.
+func (r *Registry) forget(name string) forgetResult {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rec, ok := r.agents[name]
+	switch {
+	case !ok:
+		return forgetUnknown
+	case len(rec.sessions) > 0:
+		return forgetOnline
+	}
+	delete(r.agents, name)
+	return forgotten
+}

@@ -61,4 +61,19 @@ func TestAgentReloadsExposeOnSIGHUP(t *testing.T) {
 	if out := gw.MustAdmin("agents", "list"); !strings.Contains(out, "echo,web") {
 		t.Fatalf("agents list after the reloads:\n%s", out)
 	}
+
+	// A decommissioned agent: refused while online, forgotten once it has stopped.
+	if _, errOut, err := gw.Admin("agents", "forget", "db1"); err == nil || !strings.Contains(errOut, "is online") {
+		t.Fatalf("forget an online agent: %v %q", err, errOut)
+	}
+	if err := agent.Stop(); err != nil {
+		t.Fatalf("agent stop: %v", err)
+	}
+	gw.WaitAudit(map[string]string{"type": "agent.disconnected", "agent": "db1"})
+	if out := gw.MustAdmin("agents", "forget", "db1"); !strings.Contains(out, "forgot agent db1") {
+		t.Fatalf("forget: %q", out)
+	}
+	if out := gw.MustAdmin("agents", "list"); strings.Contains(out, "db1") {
+		t.Fatalf("agents list after forget:\n%s", out)
+	}
 }

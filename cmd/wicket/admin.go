@@ -18,7 +18,7 @@ import (
 
 func init() {
 	register("token", "wicket token create agent|user NAME [--ttl DUR] [--acme]", runToken)
-	register("agents", "wicket agents list [--json] | wicket agents revoke NAME", runAgents)
+	register("agents", "wicket agents list [--json] | wicket agents revoke NAME | wicket agents forget NAME", runAgents)
 	register("users", "wicket users revoke NAME", runUsers)
 	register("sessions", "wicket sessions list [--json]", runSessions)
 	register("audit", "wicket audit verify FILE [--anchor SEQ:HASH]...", runAudit)
@@ -93,8 +93,19 @@ func runAgents(ctx context.Context, args []string) error {
 		return printAgents(os.Stdout, agents, time.Now())
 	case len(pos) == 2 && pos[0] == "revoke":
 		return revoke(ctx, *dataDir, ca.RoleAgent, pos[1])
+	case len(pos) == 2 && pos[0] == "forget":
+		c, err := adminClient(*dataDir)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		if err := c.ForgetAgent(ctx, pos[1]); err != nil {
+			return err
+		}
+		_, err = fmt.Printf("forgot agent %s\n", pos[1])
+		return err
 	}
-	return errors.New("usage: wicket agents list [--json] | wicket agents revoke NAME")
+	return errors.New("usage: wicket agents list [--json] | wicket agents revoke NAME | wicket agents forget NAME")
 }
 
 func runUsers(ctx context.Context, args []string) error {
