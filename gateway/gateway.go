@@ -9,6 +9,21 @@
 // (default deny: without a policy file nobody is allowed), must not keep a session whose
 // certificate is expired or revoked, and must never write a token or a payload to a log or to
 // the audit trail.
+//
+// # Where this departs from DESIGN.md, and why
+//
+//   - The gateway answers an agent's Hello with its own, sent only once the session is
+//     registered: the agent then knows its new session is routable before it drains the old
+//     one (no stream lost in a renewal).
+//   - A later Hello (the agent's resources changed) comes on a new control stream rather than
+//     on the first one, so the gateway serves everything an agent opens from one loop and an
+//     idle agent session costs one gateway goroutine (serveAgent, agentLoop; tunnel/PROTOCOL.md).
+//   - Agents and users present their leaf certificate only; the gateway, being the CA, verifies
+//     against its own intermediate (ca.Authority.VerifyPeer).
+//   - The CA API's port requests a client certificate without requiring it, and the gateway
+//     checks the chain itself, so a refused /renew says why instead of failing with a TLS alert.
+//   - The last known state of every agent survives a restart in <data-dir>/agents.json
+//     (AgentsFileName), and the audit log's head is logged as an anchor (logAuditAnchor).
 package gateway
 
 import (
