@@ -222,6 +222,7 @@ type AdminError struct {
 	Message string // one sentence from the gateway
 }
 
+// Error is the gateway's sentence.
 func (e *AdminError) Error() string { return e.Message }
 
 // ErrNotFound matches an AdminError with status 404 (errors.Is).

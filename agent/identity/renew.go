@@ -29,6 +29,7 @@ const (
 // expired. It matches ErrExpired and ca.ErrExpired with errors.Is.
 type ExpiredError struct{ NotAfter time.Time }
 
+// Error says when the certificate expired and what to do.
 func (e *ExpiredError) Error() string {
 	return fmt.Sprintf("the certificate expired at %s and cannot be renewed: enroll again with a new token",
 		e.NotAfter.UTC().Format(time.RFC3339))
@@ -44,6 +45,7 @@ type RevokedError struct {
 	Name string
 }
 
+// Error says the certificate was revoked and how to get a new one.
 func (e *RevokedError) Error() string {
 	if e.Role == ca.RoleUser {
 		return fmt.Sprintf("the user certificate was revoked: log in again with a new token from `wicket token create user %s`", e.Name)
