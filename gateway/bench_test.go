@@ -5,7 +5,6 @@ import (
 	"net"
 	"testing"
 
-	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/tunnel"
 )
 
@@ -14,15 +13,8 @@ func benchSetup(b *testing.B) (echo string, user *tunnel.Session) {
 	b.Helper()
 	tg := startGateway(b, nil)
 	echo = echoServer(b)
-	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
-		b.Fatal(err)
-	}
-	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { user.Close() })
-	return echo, user
+	tg.mustAgent("db1", map[string]string{"echo": echo})
+	return echo, tg.dialUser("alice")
 }
 
 // BenchmarkStreamOpen: the cost of reaching a resource through the gateway (user stream open,

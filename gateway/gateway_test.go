@@ -67,11 +67,7 @@ func TestAgentRegistersAndUserStreamIsRelayed(t *testing.T) {
 		t.Fatalf("registry = %+v", list)
 	}
 
-	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		t.Fatalf("user dial: %v", err)
-	}
-	defer user.Close()
+	user := tg.dialUser("alice")
 	st, err := openStream(user, "echo")
 	if err != nil {
 		t.Fatalf("open stream: %v", err)
@@ -192,11 +188,7 @@ func TestAgentOpenedStreams(t *testing.T) {
 	}
 
 	// The session still carries user streams.
-	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		t.Fatalf("user dial: %v", err)
-	}
-	defer user.Close()
+	user := tg.dialUser("alice")
 	echoOnce(t, user, "echo", "ping")
 	user.Close()
 	agent.close()
@@ -207,19 +199,9 @@ func TestStreamRefusals(t *testing.T) {
 	checkLeaks(t)
 	tg := startGateway(t, nil)
 	echo := echoServer(t)
-	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo, "down": closedPort(t)}); err != nil {
-		t.Fatal(err)
-	}
-	bob, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "bob"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bob.Close()
-	alice, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer alice.Close()
+	tg.mustAgent("db1", map[string]string{"echo": echo, "down": closedPort(t)})
+	bob := tg.dialUser("bob")
+	alice := tg.dialUser("alice")
 
 	cases := []struct {
 		name   string
@@ -367,11 +349,7 @@ func TestRevokeClosesLiveSessionAndRefusesReconnect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer user.Close()
+	user := tg.dialUser("alice")
 	st, err := openStream(user, "echo")
 	if err != nil {
 		t.Fatal(err)
@@ -509,11 +487,7 @@ func TestSameNameInstancesShareAndRenewalDrains(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer user.Close()
+	user := tg.dialUser("alice")
 	roundTrip := func() {
 		t.Helper()
 		st, err := openStream(user, "echo")
@@ -579,14 +553,8 @@ func TestGracefulDrain(t *testing.T) {
 	checkLeaks(t)
 	tg := startGateway(t, func(c *Config) { c.GracePeriod = 10 * time.Second })
 	echo := echoServer(t)
-	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
-		t.Fatal(err)
-	}
-	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer user.Close()
+	tg.mustAgent("db1", map[string]string{"echo": echo})
+	user := tg.dialUser("alice")
 	st, err := openStream(user, "echo")
 	if err != nil {
 		t.Fatal(err)
@@ -646,14 +614,8 @@ func TestGracePeriodCutsLongStreams(t *testing.T) {
 	checkLeaks(t)
 	tg := startGateway(t, func(c *Config) { c.GracePeriod = 300 * time.Millisecond })
 	echo := echoServer(t)
-	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
-		t.Fatal(err)
-	}
-	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer user.Close()
+	tg.mustAgent("db1", map[string]string{"echo": echo})
+	user := tg.dialUser("alice")
 	st, err := openStream(user, "echo")
 	if err != nil {
 		t.Fatal(err)
@@ -747,14 +709,9 @@ func TestRestartReusesState(t *testing.T) {
 		}
 		// Without a policy every user is denied.
 		echo := echoServer(t)
-		if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
-			t.Fatal(err)
-		}
-		user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, err = openStream(user, "echo")
+		tg.mustAgent("db1", map[string]string{"echo": echo})
+		user := tg.dialUser("alice")
+		_, err := openStream(user, "echo")
 		if s, _, ok := replyStatus(err); !ok || s != tunnel.StatusRefused {
 			t.Fatalf("no policy: %v", err)
 		}
@@ -793,10 +750,7 @@ func TestAgentsRememberedAcrossRestart(t *testing.T) {
 		!l[0].CertExpires.Equal(expires) || l[0].Since.IsZero() {
 		t.Fatalf("after restart the registry = %+v", l)
 	}
-	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	user := tg.dialUser("alice")
 	_, err = openStream(user, "echo")
 	if s, reason, ok := replyStatus(err); !ok || s != tunnel.StatusUnavailable || !strings.Contains(reason, "db1") {
 		t.Fatalf("stream to the remembered agent's resource: %v", err)
@@ -876,14 +830,8 @@ func TestPolicyReload(t *testing.T) {
 	var polPath string
 	tg := startGateway(t, func(c *Config) { c.PolicyInterval = 20 * time.Millisecond; polPath = c.PolicyFile })
 	echo := echoServer(t)
-	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
-		t.Fatal(err)
-	}
-	bob, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "bob"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bob.Close()
+	tg.mustAgent("db1", map[string]string{"echo": echo})
+	bob := tg.dialUser("bob")
 	if _, err := openStream(bob, "echo"); !errors.Is(err, tunnel.ErrRefused) {
 		t.Fatalf("bob before reload: %v", err)
 	}
@@ -984,14 +932,8 @@ func TestStreamsPerUserCapped(t *testing.T) {
 	checkLeaks(t)
 	tg := startGateway(t, func(c *Config) { c.MaxStreamsPerUser = 2 })
 	echo := echoServer(t)
-	if _, err := tg.connectAgent(tg.enroll(ca.RoleAgent, "db1"), "i", map[string]string{"echo": echo}); err != nil {
-		t.Fatal(err)
-	}
-	user, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, "alice"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer user.Close()
+	tg.mustAgent("db1", map[string]string{"echo": echo})
+	user := tg.dialUser("alice")
 	var open []*tunnel.Stream
 	for range 2 {
 		st, err := openStream(user, "echo")
@@ -1000,7 +942,7 @@ func TestStreamsPerUserCapped(t *testing.T) {
 		}
 		open = append(open, st)
 	}
-	_, err = openStream(user, "echo")
+	_, err := openStream(user, "echo")
 	if s, reason, ok := replyStatus(err); !ok || s != tunnel.StatusUnavailable || !strings.Contains(reason, "more than 2 streams") {
 		t.Fatalf("third stream: %v", err)
 	}

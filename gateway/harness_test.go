@@ -239,6 +239,27 @@ func (tg *testGateway) enroll(role ca.Role, name string) *ca.Credentials {
 	return creds
 }
 
+// dialUser enrolls user name and opens its session, failing the test if either fails.
+func (tg *testGateway) dialUser(name string) *tunnel.Session {
+	tg.t.Helper()
+	s, err := tg.dial(tunnel.ALPNClient, tg.enroll(ca.RoleUser, name))
+	if err != nil {
+		tg.t.Fatalf("user %s dial: %v", name, err)
+	}
+	tg.t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// mustAgent enrolls agent name and connects it exposing expose, failing the test if it cannot.
+func (tg *testGateway) mustAgent(name string, expose map[string]string) *fakeAgent {
+	tg.t.Helper()
+	a, err := tg.connectAgent(tg.enroll(ca.RoleAgent, name), "i", expose)
+	if err != nil {
+		tg.t.Fatalf("agent %s connect: %v", name, err)
+	}
+	return a
+}
+
 func (tg *testGateway) dial(alpn string, creds *ca.Credentials) (*tunnel.Session, error) {
 	pool := x509.NewCertPool()
 	pool.AddCert(creds.Root)
