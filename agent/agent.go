@@ -24,7 +24,6 @@ import (
 	"log/slog"
 	"maps"
 	"net"
-	"net/url"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -233,16 +232,10 @@ type agent struct {
 }
 
 func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
-	u, err := url.Parse(stored.URL)
-	if err != nil || u.Host == "" {
-		return nil, fmt.Errorf("the stored gateway URL %q in %s is not usable: enroll again with a new token", stored.URL, cfg.DataDir)
+	addr, host, roots, err := stored.Gateway()
+	if err != nil {
+		return nil, fmt.Errorf("%w (in %s): enroll again with a new token", err, cfg.DataDir)
 	}
-	addr := u.Host
-	if u.Port() == "" {
-		addr = net.JoinHostPort(u.Hostname(), "443")
-	}
-	roots := x509.NewCertPool()
-	roots.AddCert(stored.Creds.Root)
 	var inst [8]byte
 	_, _ = rand.Read(inst[:])
 	log := cfg.Logger.With("agent", stored.Name)
@@ -278,7 +271,7 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 		}),
 		addr:     addr,
 		roots:    roots,
-		host:     u.Hostname(),
+		host:     host,
 		instance: hex.EncodeToString(inst[:]),
 		announce: make(chan struct{}, 1),
 	}

@@ -20,7 +20,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -234,19 +233,13 @@ type client struct {
 }
 
 func newClient(cfg Config, s *identity.Stored) (*client, error) {
-	u, err := url.Parse(s.URL)
-	if err != nil || u.Host == "" {
-		return nil, fmt.Errorf("the stored gateway URL %q in %s is not usable: log in again", s.URL, cfg.DataDir)
+	addr, host, roots, err := s.Gateway()
+	if err != nil {
+		return nil, fmt.Errorf("%w (in %s): log in again", err, cfg.DataDir)
 	}
-	addr := u.Host
-	if u.Port() == "" {
-		addr = net.JoinHostPort(u.Hostname(), "443")
-	}
-	roots := x509.NewCertPool()
-	roots.AddCert(s.Creds.Root)
 	log := cfg.Logger.With("user", s.Name, "resource", cfg.Resource)
 	return &client{
-		cfg: cfg, log: log, meta: s.Meta, addr: addr, host: u.Hostname(), roots: roots,
+		cfg: cfg, log: log, meta: s.Meta, addr: addr, host: host, roots: roots,
 		renewer: identity.NewRenewer(s, identity.RenewerConfig{Dir: cfg.DataDir, Renew: cfg.Renew, Logger: log,
 			Now: cfg.Now, After: cfg.After, Period: cfg.RenewPeriod}),
 		changed: make(chan struct{}),

@@ -26,6 +26,8 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"time"
@@ -89,6 +91,23 @@ type Stored struct {
 
 // Leaf returns the certificate of the identity.
 func (s *Stored) Leaf() *x509.Certificate { return s.Creds.Chain[0] }
+
+// Gateway is where sessions of this identity go: the host:port to dial (port 443 when the
+// URL names none), the host name the gateway's certificate must carry, and the pinned root.
+// It fails when the stored URL has no host.
+func (s *Stored) Gateway() (addr, host string, roots *x509.CertPool, err error) {
+	u, err := url.Parse(s.URL)
+	if err != nil || u.Host == "" {
+		return "", "", nil, fmt.Errorf("the stored gateway URL %q is not usable", s.URL)
+	}
+	addr = u.Host
+	if u.Port() == "" {
+		addr = net.JoinHostPort(u.Hostname(), "443")
+	}
+	roots = x509.NewCertPool()
+	roots.AddCert(s.Creds.Root)
+	return addr, u.Hostname(), roots, nil
+}
 
 // TokenHash returns the value stored in Meta.TokenSHA256 for token.
 func TokenHash(token string) string {
