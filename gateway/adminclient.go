@@ -58,21 +58,16 @@ func (c *AdminClient) Close() { c.hc.CloseIdleConnections() }
 
 // CreateToken mints a one-time enrollment token for role/name; ttl 0 means 15 minutes.
 func (c *AdminClient) CreateToken(ctx context.Context, role ca.Role, name string, ttl time.Duration) (string, error) {
-	req := TokenRequest{Role: string(role), Name: name}
-	if ttl != 0 {
-		req.TTL = ttl.String()
-	}
-	var resp TokenResponse
-	if err := c.do(ctx, http.MethodPost, "/v1/tokens", req, &resp); err != nil {
-		return "", err
-	}
-	return resp.Token, nil
+	return c.token(ctx, TokenRequest{Role: string(role), Name: name}, ttl)
 }
 
 // CreateACMECredential creates a one-time ACME enrollment credential (an EAB key bound
 // to agent name, the gateway URL and root fingerprint); ttl 0 means 15 minutes.
 func (c *AdminClient) CreateACMECredential(ctx context.Context, name string, ttl time.Duration) (string, error) {
-	req := TokenRequest{Role: string(ca.RoleAgent), Name: name, ACME: true}
+	return c.token(ctx, TokenRequest{Role: string(ca.RoleAgent), Name: name, ACME: true}, ttl)
+}
+
+func (c *AdminClient) token(ctx context.Context, req TokenRequest, ttl time.Duration) (string, error) {
 	if ttl != 0 {
 		req.TTL = ttl.String()
 	}
