@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/wicketgw/wicket/tunnel/loopback"
 	"io"
 	"log/slog"
 	"net"
@@ -183,59 +184,6 @@ func (gs *gwSession) open(resource string) (*tunnel.Stream, error) {
 	return gs.sess.OpenStream(ctx, tunnel.Header{Kind: tunnel.KindData, Resource: resource, SessionID: "s1"})
 }
 
-// echoServer echoes every connection until the test ends.
-func echoServer(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var conns []net.Conn
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	return ln.Addr().String()
-}
-
-// closedPort returns an address nothing listens on.
-func closedPort(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
 // roundTrip writes msg and expects it back.
 func roundTrip(t testing.TB, c net.Conn, msg string) {
 	t.Helper()
@@ -318,3 +266,7 @@ func (w tWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(bytes.TrimRight(p, "\n")))
 	return len(p), nil
 }
+
+// echoServer and closedPort are the shared loopback targets.
+func echoServer(t testing.TB) string { return loopback.EchoServer(t) }
+func closedPort(t testing.TB) string { return loopback.ClosedPort(t) }

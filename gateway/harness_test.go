@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"github.com/wicketgw/wicket/tunnel/loopback"
 	"io"
 	"log/slog"
 	"net"
@@ -379,46 +380,6 @@ func (a *fakeAgent) close() {
 	a.wg.Wait()
 }
 
-// echoServer echoes every connection and half-closes after the client does.
-func echoServer(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-				_ = c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	return ln.Addr().String()
-}
-
-// closedPort returns an address nothing listens on.
-func closedPort(t testing.TB) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
 func openStream(sess *tunnel.Session, resource string) (*tunnel.Stream, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -452,3 +413,7 @@ func replyStatus(err error) (tunnel.Status, string, bool) {
 	}
 	return 0, "", false
 }
+
+// echoServer and closedPort are the shared loopback targets.
+func echoServer(t testing.TB) string { return loopback.EchoServer(t) }
+func closedPort(t testing.TB) string { return loopback.ClosedPort(t) }

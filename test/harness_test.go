@@ -14,8 +14,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/wicketgw/wicket/tunnel/loopback"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -463,49 +463,6 @@ func randSuffix() string {
 	return fmt.Sprint(suffixN.n)
 }
 
-// echoServer is a TCP echo target on loopback, closed when the test ends. It
-// half-closes its write side when the client half-closes, like a well-behaved
-// server.
-func echoServer(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
-// closedPort returns a loopback address on which nothing listens.
-func closedPort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
 // load keeps byte-checked transfers running through a local connect
 // listener until stop is called.
 type load struct {
@@ -554,3 +511,7 @@ func (l *load) stop() (int, []error) {
 	defer l.mu.Unlock()
 	return l.streams, l.failures
 }
+
+// echoServer and closedPort are the shared loopback targets.
+func echoServer(t testing.TB) string { return loopback.EchoServer(t) }
+func closedPort(t testing.TB) string { return loopback.ClosedPort(t) }
