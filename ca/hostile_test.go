@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -101,30 +102,13 @@ func TestTokenConcurrentSingleUse(t *testing.T) {
 		for round := 0; round < 3; round++ {
 			name := "race" + string(rune('a'+round))
 			tok := mustToken(t, e.a, RoleAgent, name)
-			const n = 20
-			var wg sync.WaitGroup
-			start := make(chan struct{})
-			errs := make([]error, n)
-			for i := range n {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					<-start
-					_, errs[i] = Enroll(context.Background(), tok)
-				}()
-			}
-			close(start)
-			wg.Wait()
-			ok := 0
-			for _, err := range errs {
-				switch {
-				case err == nil:
-					ok++
-				case strings.Contains(err.Error(), ErrTokenUsed.Error()):
-				default:
+			ok := race(20, func() bool {
+				_, err := Enroll(context.Background(), tok)
+				if err != nil && !strings.Contains(err.Error(), ErrTokenUsed.Error()) {
 					t.Errorf("unexpected error: %v", err)
 				}
-			}
+				return err == nil
+			})
 			if ok != 1 {
 				t.Fatalf("round %d: %d enrollments succeeded with one token, want exactly 1", round, ok)
 			}
@@ -150,25 +134,10 @@ func TestPostgresCASRace(t *testing.T) {
 	racy := 0
 	for round := range 20 {
 		id := "upstream-" + string(rune('a'+round))
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		wins := 0
-		start := make(chan struct{})
-		for range 20 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				<-start
-				_, ok, err := upstream.CmpAndSwap(usedOTTTable, []byte(id), nil, []byte("tok"))
-				if err == nil && ok {
-					mu.Lock()
-					wins++
-					mu.Unlock()
-				}
-			}()
-		}
-		close(start)
-		wg.Wait()
+		wins := race(20, func() bool {
+			_, ok, err := upstream.CmpAndSwap(usedOTTTable, []byte(id), nil, []byte("tok"))
+			return err == nil && ok
+		})
 		if wins != 1 {
 			racy++
 		}
@@ -176,28 +145,13 @@ func TestPostgresCASRace(t *testing.T) {
 	t.Logf("step-ca's PostgreSQL compare-and-swap: %d of 20 rounds had more than one winner", racy)
 	for round := range 20 {
 		id := "jti-" + string(rune('a'+round))
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		wins := 0
-		start := make(chan struct{})
-		for range 20 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				<-start
-				ok, err := db.UseToken(id, "tok")
-				if err != nil {
-					t.Error(err)
-				}
-				if ok {
-					mu.Lock()
-					wins++
-					mu.Unlock()
-				}
-			}()
-		}
-		close(start)
-		wg.Wait()
+		wins := race(20, func() bool {
+			ok, err := db.UseToken(id, "tok")
+			if err != nil {
+				t.Error(err)
+			}
+			return ok
+		})
 		if wins != 1 {
 			t.Fatalf("round %d: %d winners, want 1", round, wins)
 		}
@@ -333,4 +287,25 @@ func TestUserTokenCannotYieldAgent(t *testing.T) {
 			t.Fatal("MintToken issued a gateway token")
 		}
 	})
+}
+
+// race runs try in n goroutines released at the same instant and returns how many returned
+// true.
+func race(n int, try func() bool) int {
+	var wg sync.WaitGroup
+	var wins atomic.Int64
+	start := make(chan struct{})
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			if try() {
+				wins.Add(1)
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	return int(wins.Load())
 }
