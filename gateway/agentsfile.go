@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/wicketgw/wicket/agent/identity"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -88,34 +89,13 @@ func (g *Gateway) loadAgents() {
 	g.registry.restore(saved)
 }
 
-// saveAgents writes the agents file atomically (a temporary file renamed over it), 0600.
+// saveAgents writes the agents file atomically (identity.WriteFileAtomic), 0600.
 func (g *Gateway) saveAgents() error {
 	b, err := json.MarshalIndent(g.registry.saved(g.clock.Now()), "", "  ")
 	if err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(g.cfg.DataDir, "."+AgentsFileName+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // after a successful rename there is nothing left to remove
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(append(b, '\n')); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, filepath.Join(g.cfg.DataDir, AgentsFileName))
+	return identity.WriteFileAtomic(g.cfg.DataDir, AgentsFileName, append(b, '\n'), 0o600)
 }
 
 // agentsChanged notes that the registry changed; saveAgentsLoop writes it soon.

@@ -264,7 +264,7 @@ func Save(dir string, s *Stored) error {
 	if err != nil {
 		return fmt.Errorf("save identity in %s: %w", dir, err)
 	}
-	if err := writeAtomic(dir, KeyFile, keyPEM, 0o600); err != nil {
+	if err := WriteFileAtomic(dir, KeyFile, keyPEM, 0o600); err != nil {
 		return err
 	}
 	if s.ACME {
@@ -275,7 +275,7 @@ func Save(dir string, s *Stored) error {
 		if err != nil {
 			return fmt.Errorf("save identity in %s: %w", dir, err)
 		}
-		if err := writeAtomic(dir, ACMEAccountKeyFile, accPEM, 0o600); err != nil {
+		if err := WriteFileAtomic(dir, ACMEAccountKeyFile, accPEM, 0o600); err != nil {
 			return err
 		}
 	}
@@ -286,21 +286,22 @@ func Save(dir string, s *Stored) error {
 	if err != nil {
 		return fmt.Errorf("encode %s: %w", IdentityFile, err)
 	}
-	return writeAtomic(dir, IdentityFile, append(meta, '\n'), 0o600)
+	return WriteFileAtomic(dir, IdentityFile, append(meta, '\n'), 0o600)
 }
 
 // saveCerts replaces chain.pem and root.pem. A renewal keeps the key, so
 // this is all it has to write.
 func saveCerts(dir string, creds *ca.Credentials) error {
-	if err := writeAtomic(dir, ChainFile, encodeCerts(creds.Chain), 0o600); err != nil {
+	if err := WriteFileAtomic(dir, ChainFile, encodeCerts(creds.Chain), 0o600); err != nil {
 		return err
 	}
-	return writeAtomic(dir, RootFile, encodeCerts([]*x509.Certificate{creds.Root}), 0o600)
+	return WriteFileAtomic(dir, RootFile, encodeCerts([]*x509.Certificate{creds.Root}), 0o600)
 }
 
-// writeAtomic replaces dir/name with data: temporary file in dir, fsync,
-// rename over the old file, fsync of dir so the rename itself is durable.
-func writeAtomic(dir, name string, data []byte, mode os.FileMode) (err error) {
+// WriteFileAtomic replaces dir/name with data: temporary file in dir (created with mode),
+// fsync, rename over the old file, fsync of dir so the rename itself is durable. A reader
+// sees the old file or the new one, never a part. The gateway writes its agents file with it.
+func WriteFileAtomic(dir, name string, data []byte, mode os.FileMode) (err error) {
 	f, err := os.CreateTemp(dir, "."+name+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("write %s in %s: %w", name, dir, err)
