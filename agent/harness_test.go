@@ -7,7 +7,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"github.com/wicketgw/wicket/tunnel/loopback"
 	"io"
 	"log/slog"
 	"net"
@@ -22,6 +21,7 @@ import (
 	"github.com/wicketgw/wicket/agent/internal/testpki"
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/tunnel"
+	"github.com/wicketgw/wicket/tunnel/loopback"
 )
 
 func TestMain(m *testing.M) {

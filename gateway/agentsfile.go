@@ -4,11 +4,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/wicketgw/wicket/agent/identity"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/wicketgw/wicket/agent/identity"
 )
 
 // AgentsFileName is where the registry's last known state of each agent survives a restart,

@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
-	"github.com/wicketgw/wicket/tunnel/loopback"
 	"io"
 	"log/slog"
 	"net"
@@ -20,6 +19,7 @@ import (
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway/audit"
 	"github.com/wicketgw/wicket/tunnel"
+	"github.com/wicketgw/wicket/tunnel/loopback"
 )
 
 // fakeClock is real time plus an offset that tests advance; timers registered through

@@ -14,7 +14,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/wicketgw/wicket/tunnel/loopback"
 	"io"
 	"os"
 	"os/exec"
@@ -26,6 +25,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/wicketgw/wicket/tunnel/loopback"
 )
 
 // wicketBin is the binary built once by TestMain.

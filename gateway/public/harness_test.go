@@ -10,7 +10,6 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
-	"github.com/caddyserver/certmagic"
 	"io"
 	"log/slog"
 	"math/big"
@@ -24,8 +23,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/wicketgw/wicket/gateway/audit"
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/goleak"
+
+	"github.com/wicketgw/wicket/gateway/audit"
 )
 
 func TestMain(m *testing.M) {
