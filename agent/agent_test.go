@@ -116,7 +116,15 @@ func TestExposeUpdates(t *testing.T) {
 	st.Close()
 
 	updates <- map[string]string{"bad name!": web} // refused: the previous list stays
-	updates <- map[string]string{"web": web}       // echo removed
+	for _, res := range []string{"echo", "web"} {
+		st, err := gs.open(res)
+		if err != nil {
+			t.Fatalf("%s after an invalid update: %v (the previous list must stay in force)", res, err)
+		}
+		roundTrip(t, st, "still "+res)
+		st.Close()
+	}
+	updates <- map[string]string{"web": web} // echo removed
 	if h := later(); strings.Join(h.Resources, ",") != "web" {
 		t.Fatalf("later hello after removing echo = %+v", h)
 	}
