@@ -6,6 +6,8 @@ VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo de
 LDFLAGS   := -X main.version=$(VERSION)
 # Packages whose concurrency is the product's core: always tested with -race.
 CORE_PKGS := ./ca/... ./tunnel/... ./gateway/... ./agent/...
+STATICCHECK_VERSION := v0.8.2
+STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $$(go env GOPATH)/bin/staticcheck)
 
 .PHONY: help build test lint unit e2e bench fuzz demo clean
 
@@ -15,11 +17,13 @@ help: ## list the targets
 build: ## build bin/wicket
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/wicket
 
-test: lint unit e2e ## everything CI runs: gofmt, vet, unit tests with -race, end-to-end tests
+test: lint unit e2e ## everything CI runs: gofmt, vet, staticcheck, unit tests with -race, end-to-end tests
 
-lint: ## gofmt and go vet
+lint: ## gofmt, go vet and staticcheck (installed by .ci/run; `go install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)`)
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	@command -v $(STATICCHECK) >/dev/null || { echo "staticcheck is not installed: go install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)"; exit 1; }
+	$(STATICCHECK) ./...
 
 unit: ## unit tests of the core packages with the race detector (needs PostgreSQL at 127.0.0.1:5432)
 	$(GO) test -race -count=1 -timeout 15m $(CORE_PKGS) ./cmd/...

@@ -322,7 +322,7 @@ func testAgentACMEEnrollAndHostile(t *testing.T, dsn string) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		env.offset.Store(int64(exp.Sub(time.Now()) + time.Second))
+		env.offset.Store(int64(time.Until(exp) + time.Second))
 		cl := env.client(t)
 		_, err = cl.Register(ctx, &acme.Account{ExternalAccountBinding: &acme.ExternalAccountBinding{KID: kid, Key: hmac}}, acme.AcceptTOS)
 		if err == nil || !strings.Contains(err.Error(), "expired") {

@@ -79,9 +79,7 @@ func TestRestartSameDataDir(t *testing.T) {
 func startEnvAt(t *testing.T, dir, dsn, url string) *testEnv {
 	t.Helper()
 	addr := strings.TrimPrefix(url, "https://")
-	var e *testEnv
-	e = startEnvListen(t, dir, dsn, addr, nil)
-	return e
+	return startEnvListen(t, dir, dsn, addr, nil)
 }
 
 func TestFirstStartFilesAndPassword(t *testing.T) {

@@ -430,9 +430,7 @@ func (px *proxy) pipe(dst, src net.Conn, fromClient bool) {
 			if _, err := src.Read(nil); err != nil && !isTimeout(err) {
 				return
 			}
-			select {
-			case <-time.After(20 * time.Millisecond):
-			}
+			time.Sleep(20 * time.Millisecond) // polling interval
 			if px.closed() {
 				return
 			}

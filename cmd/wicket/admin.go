@@ -179,7 +179,7 @@ func runAudit(ctx context.Context, args []string) error {
 		return err
 	}
 	if len(pos) != 2 || pos[0] != "verify" {
-		return errors.New("usage: wicket audit verify FILE [--anchor SEQ:HASH]...")
+		return errors.New("usage: wicket audit verify FILE [--anchor SEQ:HASH]")
 	}
 	var anchors []audit.Anchor
 	for _, s := range anchorArgs {
