@@ -111,8 +111,8 @@ func (a *Authority) NewAgentEABKey(ctx context.Context, name string, ttl time.Du
 	if ttl == 0 {
 		ttl = DefaultTokenTTL
 	}
-	if ttl < 0 || ttl > MaxTokenTTL {
-		return "", nil, time.Time{}, fmt.Errorf("create agent EAB key: lifetime %s is outside 0..%s", ttl, MaxTokenTTL)
+	if ttl < MinTokenTTL || ttl > MaxTokenTTL {
+		return "", nil, time.Time{}, fmt.Errorf("create agent EAB key: ttl %s must be between %s and %s", ttl, MinTokenTTL, shortDuration(MaxTokenTTL))
 	}
 	expires = a.now().Add(ttl).Truncate(time.Second)
 	// step-ca keeps one key per reference for ever (its reference index is

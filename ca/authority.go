@@ -144,6 +144,7 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 		return nil, err
 	}
 	adb.provKeys = provKeys
+	adb.now = cfg.Now
 
 	scfg := &config.Config{
 		DNSNames: a.dnsNames(),
@@ -377,8 +378,9 @@ func (a *Authority) Identity(role Role, name string) Identity {
 
 // MintToken creates a one-time bootstrap token for an agent or user: a JWT signed by
 // the role's provisioner key with sub=name, sans=[SPIFFE ID], aud=URL/1.0/sign,
-// sha=root fingerprint, a random jti and exp=now+ttl (0 => 15m, max 24h). The token
-// is a credential: never log it.
+// sha=root fingerprint, a random jti and exp=now+ttl (0 => 15m; 1s..24h). The CA
+// accepts it once, from minting until exp plus tokenLeeway (1s) by Config.Now: at
+// least ttl, less than a second more. The token is a credential: never log it.
 func (a *Authority) MintToken(role Role, name string, ttl time.Duration) (string, error) {
 	if role != RoleAgent && role != RoleUser {
 		return "", fmt.Errorf("mint token: %w: tokens are for agents or users, not %q", ErrWrongRole, role)
@@ -393,8 +395,8 @@ func (a *Authority) mintToken(role Role, name string, ttl time.Duration, extraSA
 	if ttl == 0 {
 		ttl = DefaultTokenTTL
 	}
-	if ttl < 0 || ttl > MaxTokenTTL {
-		return "", fmt.Errorf("mint token: ttl %s must be between 0 and %s", ttl, MaxTokenTTL)
+	if ttl < MinTokenTTL || ttl > MaxTokenTTL {
+		return "", fmt.Errorf("mint token: ttl %s must be between %s and %s", ttl, MinTokenTTL, shortDuration(MaxTokenTTL))
 	}
 	priv := a.pki.provKeys[role]
 	jwk, err := publicJWK(priv)
@@ -410,7 +412,10 @@ func (a *Authority) mintToken(role Role, name string, ttl time.Duration, extraSA
 	if _, err := rand.Read(jti); err != nil {
 		return "", err
 	}
-	// Tokens are checked by step-ca against the system clock, so they use it too.
+	// step-ca checks a token's times against the system clock, so it is minted by
+	// that clock; the guard checks them against Config.Now, which is the system clock
+	// too except in tests that move it. exp is rounded down to the second (JWT
+	// times are whole seconds); tokenLeeway gives that second back.
 	now := time.Now()
 	claims := tokenClaims{
 		Claims: jose.Claims{

@@ -32,6 +32,8 @@ type TokenInfo struct {
 	URL             string // gateway base URL, from aud (aud minus "/1.0/sign")
 	RootFingerprint string // from the sha claim
 	Expiry          time.Time
+	// NotBefore is the later of nbf and iat; zero if the token has neither.
+	NotBefore time.Time
 }
 
 // InspectToken parses a token without verifying its signature, so that a client
@@ -78,7 +80,8 @@ func InspectToken(token string) (TokenInfo, error) {
 	if c.Expiry == nil {
 		return TokenInfo{}, fmt.Errorf("%w: no expiry", ErrTokenInvalid)
 	}
-	return TokenInfo{Identity: id, URL: base, RootFingerprint: strings.ToLower(c.SHA), Expiry: c.Expiry.Time()}, nil
+	return TokenInfo{Identity: id, URL: base, RootFingerprint: strings.ToLower(c.SHA), Expiry: c.Expiry.Time(),
+		NotBefore: notBefore(c.Claims)}, nil
 }
 
 // Credentials is what enrollment or renewal yields.
@@ -125,8 +128,12 @@ func Enroll(ctx context.Context, token string) (*Credentials, error) {
 	if err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
+	// This host's clock is not the gateway's, and the gateway decides (to the second,
+	// and audits the refusal): only a token expired for a while is refused here, to
+	// spare the round trip.
+	expired := &TokenTimeError{Expired: true, At: info.Expiry, Role: info.Identity.Role, Name: info.Identity.Name}
 	if time.Now().After(info.Expiry.Add(time.Minute)) {
-		return nil, fmt.Errorf("enroll %s: %w", info.Identity.Name, ErrTokenExpired)
+		return nil, fmt.Errorf("enroll %s: %w", info.Identity.Name, expired)
 	}
 	root, err := fetchPinnedRoot(ctx, info.URL, info.RootFingerprint)
 	if err != nil {
@@ -150,7 +157,15 @@ func Enroll(ctx context.Context, token string) (*Credentials, error) {
 	pool := x509.NewCertPool()
 	pool.AddCert(root)
 	chain, err := post(ctx, info.URL+"/1.0/sign", body, &tls.Config{RootCAs: pool}, kindSign)
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrTokenExpired):
+		// The CA's sentence, rebuilt from the token's own times so that callers
+		// can show it whole (errors.As *TokenTimeError).
+		return nil, fmt.Errorf("enroll %s: %w", info.Identity.Name, expired)
+	case errors.Is(err, ErrTokenNotYetValid):
+		return nil, fmt.Errorf("enroll %s: %w", info.Identity.Name,
+			&TokenTimeError{At: info.NotBefore, Role: info.Identity.Role, Name: info.Identity.Name})
+	case err != nil:
 		return nil, fmt.Errorf("enroll %s: %w", info.Identity.Name, err)
 	}
 	creds := &Credentials{Key: key, Chain: chain, Root: root}
@@ -338,7 +353,7 @@ func post(ctx context.Context, u string, body []byte, tc *tls.Config, kind reque
 }
 
 // sentinels whose text the server (guard) sends verbatim as the message.
-var wireSentinels = []error{ErrTokenUsed, ErrTokenExpired, ErrTokenInvalid, ErrRevoked, ErrExpired,
+var wireSentinels = []error{ErrTokenUsed, ErrTokenExpired, ErrTokenNotYetValid, ErrTokenInvalid, ErrRevoked, ErrExpired,
 	ErrWrongRole, ErrUnknownCA, ErrNoIdentity, ErrRequestRefused}
 
 // mapHTTPError turns a CA error response into a sentinel error with the CA's message.

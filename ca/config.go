@@ -78,9 +78,10 @@ type Config struct {
 	// Logger receives operational messages (never a key, password or token).
 	// Default: discard.
 	Logger *slog.Logger
-	// Now is the clock used for renewal scheduling of the gateway certificate and for
-	// VerifyPeer's validity check. nil = time.Now. (step-ca's own checks use the system
-	// clock.)
+	// Now is the clock used for renewal scheduling of the gateway certificate, for
+	// VerifyPeer's validity check, and for the validity window of one-time tokens and
+	// agent ACME enrollment credentials. nil = time.Now. (step-ca's own checks use the
+	// system clock, with a minute of leeway on tokens: ours are the stricter ones.)
 	Now func() time.Time
 	// RevocationSync is how often revocations are reloaded from the database, so that
 	// revocations made by another gateway sharing it are seen here (IsRevoked,

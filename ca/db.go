@@ -35,9 +35,11 @@ type issuedRecord struct {
 // every path through step-ca (HTTP /sign, /renew, /revoke, ACME, our own calls) goes
 // through it:
 //
-//   - UseToken does not record a token that step-ca is certain to reject afterwards
-//     (bad signature, expired): step-ca records the token ID *before* verifying the
-//     signature, so a forged copy of a token would otherwise burn the real one.
+//   - UseToken does not record a token that is refused anyway (bad signature,
+//     outside its validity window): step-ca records the token ID *before* verifying
+//     the signature and times, so a forged copy of a token would otherwise burn the
+//     real one, and an expired one would be recorded (and, within step-ca's leeway,
+//     accepted).
 //   - StoreCertificateChain / StoreRenewedCertificate also index serial -> identity, for
 //     Issued and RevokeIdentity.
 //   - Revoke updates the in-memory revocation set and fires OnRevoke.
@@ -49,9 +51,11 @@ type authDB struct {
 	// provKeys maps JWK provisioner name -> public key, to pre-verify tokens.
 	provKeys map[string]*ecdsa.PublicKey
 
-	// verified holds tokens whose signature and expiry the HTTP guard has just
-	// checked, so that UseToken does not verify them a second time.
+	// verified holds tokens whose signature and validity window the HTTP guard has
+	// just checked, so that UseToken does not verify them a second time.
 	verified sync.Map
+	// now is the CA's clock (Config.Now).
+	now func() time.Time
 
 	mu       sync.RWMutex
 	revoked  map[string]struct{}
@@ -181,42 +185,64 @@ func (d *authDB) Revoke(rci *stepdb.RevokedCertificateInfo) error {
 	return err
 }
 
-// UseToken records the token ID unless the token is certain to be refused right after.
+// UseToken records the token ID, unless the token is refused anyway:
+//
+//   - its signature does not verify under the key of the provisioner it names:
+//     step-ca refuses it right after, with the reason, and a forged copy of a token
+//     must not burn the real one, so it is let through unrecorded;
+//   - it is an agent or user token outside its validity window by our rule
+//     (checkTokenTimes, by the CA's clock): step-ca's minute of leeway would still
+//     take it, so it is refused here, unrecorded (step-ca then says "token already
+//     used"; on /1.0/sign the guard has refused it before, with the reason). This
+//     covers every other route to step-ca's token check, such as /1.0/revoke.
+//
+// Tokens the guard has just checked skip both.
 func (d *authDB) UseToken(id, tok string) (bool, error) {
-	if _, ok := d.verified.Load(tok); !ok && d.tokenCertainlyInvalid(tok) {
-		// Returning true without recording lets step-ca go on to its own verification,
-		// which refuses the token with the precise reason (signature, expiry).
-		return true, nil
+	if _, ok := d.verified.Load(tok); !ok {
+		switch d.classifyToken(tok) {
+		case tokenForged:
+			return true, nil
+		case tokenOutsideWindow:
+			return false, nil
+		}
 	}
 	return d.DB.UseToken(id, tok)
 }
 
-// tokenCertainlyInvalid reports whether step-ca's JWK provisioner will refuse tok:
-// the signature does not verify under the key of the provisioner named by iss, or it
-// expired more than step-ca's 1 minute leeway ago. It must never say "invalid" for a
-// token step-ca would accept, or that token would be usable twice; hence the extra
-// margin on time and the exact same verification code (go.step.sm/crypto/jose).
-func (d *authDB) tokenCertainlyInvalid(tok string) bool {
+type tokenClass int
+
+const (
+	tokenOther         tokenClass = iota // left to step-ca
+	tokenForged                          // signature does not verify under the issuer's key
+	tokenOutsideWindow                   // ours, genuine, but outside its validity window
+)
+
+// classifyToken says whether step-ca's JWK provisioner will refuse tok for its
+// signature (tokenForged), or whether we refuse it for its times. It must never say
+// tokenForged for a token step-ca would accept, or that token would be usable
+// twice; hence the exact same verification code (go.step.sm/crypto/jose). The
+// gateway's own tokens never leave the process and are minted by the system clock
+// for step-ca, so their times are left to step-ca.
+func (d *authDB) classifyToken(tok string) tokenClass {
 	jwt, err := jose.ParseSigned(tok)
 	if err != nil {
-		return false // step-ca fails earlier on a token it cannot parse
+		return tokenOther // step-ca fails earlier on a token it cannot parse
 	}
 	var c jose.Claims
 	if err := jwt.UnsafeClaimsWithoutVerification(&c); err != nil {
-		return false
+		return tokenOther
 	}
 	pub, ok := d.provKeys[c.Issuer]
 	if !ok {
-		return false
+		return tokenOther
 	}
 	if err := jwt.Claims(pub, &c); err != nil {
-		return true
+		return tokenForged
 	}
-	const margin = time.Minute + 10*time.Second // step-ca's leeway plus slack
-	if c.Expiry != nil && time.Now().After(c.Expiry.Time().Add(margin)) {
-		return true
+	if r := roleOfProvisioner(c.Issuer); (r == RoleAgent || r == RoleUser) && checkTokenTimes(c, d.now()) != nil {
+		return tokenOutsideWindow
 	}
-	return false
+	return tokenOther
 }
 
 // step-ca's certificate tables; we write the same rows in the same format as

@@ -8,11 +8,12 @@
 //     with the CA password (PKCS#8, AES-256-CBC, PBKDF2). Later starts load them; a
 //     wrong password, or a missing or corrupt file, is one clear error and nothing is
 //     written.
-//   - One-time bootstrap tokens (MintToken) for agents and users. Each role has its own
-//     JWK provisioner ("wicket-agent", "wicket-user") with its own lifetime and an X.509
-//     template that refuses any SAN other than one SPIFFE ID of that role whose name is
-//     the token subject: a user token can never yield an agent identity. step-ca refuses
-//     a CSR whose SANs differ from the token's.
+//   - One-time bootstrap tokens (MintToken, valid for their ttl to the second, see
+//     below) for agents and users. Each role has its own JWK provisioner
+//     ("wicket-agent", "wicket-user") with its own lifetime and an X.509 template that
+//     refuses any SAN other than one SPIFFE ID of that role whose name is the token
+//     subject: a user token can never yield an agent identity. step-ca refuses a CSR
+//     whose SANs differ from the token's.
 //   - Renewal over mTLS (/1.0/renew), revocation by serial or identity, an in-memory
 //     revocation set for the per-handshake check (VerifyPeer, IsRevoked), a CRL.
 //   - The gateway's own TLS server certificate, issued through step-ca at New and
@@ -81,10 +82,21 @@
 //  2. step-ca records the jti before it verifies the signature and expiry, so a forged
 //     copy of a token (same jti, altered signature) would burn the real one. Our
 //     database wrapper does not record a token that step-ca is certain to refuse (bad
-//     signature under the provisioner key, or expired beyond step-ca's leeway), and
-//     the HTTP guard refuses such tokens before step-ca sees them, with a precise
-//     message. A valid token presented with a bad CSR (other or extra SANs) IS
-//     consumed: its holder is hostile or broken, and a new token is needed.
+//     signature under the provisioner key) or that we refuse (outside its validity
+//     window, below), and the HTTP guard refuses such tokens before step-ca sees
+//     them, with a precise message. A refused token is never burnt. A valid token
+//     presented with a bad CSR (other or extra SANs) IS consumed: its holder is
+//     hostile or broken, and a new token is needed.
+//
+// Validity of tokens. step-ca's JWK provisioner accepts a token up to a minute past
+// its exp (and a minute before its nbf/iat). We check the window ourselves, by the
+// CA's clock (Config.Now) with one second of leeway (tokenLeeway says why so little:
+// the gateway that mints a token is the one that checks it), in the guard for
+// /1.0/sign and in the database wrapper for any other route; so a token is valid
+// for its ttl after minting, to the second. The refusal says when the token expired
+// and how to mint another (TokenTimeError). The agents' ACME enrollment credentials
+// keep their expiry in our own table (step-ca's EAB keys never expire) and are
+// refused from that second on, by the same clock (checkAgentEAB).
 //
 // Tokens survive a restart (step-ca's "issued before the CA started" check is off):
 // single use is enforced by the database, which persists.

@@ -6,8 +6,11 @@ import "errors"
 var (
 	// ErrTokenUsed: the one-time token was already used; mint a new one.
 	ErrTokenUsed = errors.New("the one-time token was already used; create a new token")
-	// ErrTokenExpired: the token's exp is in the past; mint a new one.
-	ErrTokenExpired = errors.New("the one-time token has expired; create a new token")
+	// ErrTokenExpired: the token's exp is in the past; mint a new one. The error
+	// that wraps it (a *TokenTimeError) says when it expired and how to mint another.
+	ErrTokenExpired = errors.New("the one-time token expired")
+	// ErrTokenNotYetValid: the token's nbf or iat is ahead of the CA's clock.
+	ErrTokenNotYetValid = errors.New("the one-time token is not valid yet")
 	// ErrTokenInvalid: the token is malformed, its signature does not verify, or it names
 	// the wrong CA.
 	ErrTokenInvalid = errors.New("the one-time token is not valid for this certificate authority")

@@ -29,7 +29,9 @@ var usedOTTTable = []byte("used_ott")
 // authority in the request context, refuses renewals by certificates that are not
 // ours, expired or revoked with a precise message, and turns step-ca's deliberately
 // vague 401 on /sign into a precise one (expired, forged, or already used token) so
-// that a person knows what to do. It never changes what step-ca accepts.
+// that a person knows what to do. It accepts nothing step-ca refuses; the one thing
+// it refuses that step-ca would accept is a token outside its validity window by
+// less than step-ca's minute of leeway (tokenLeeway).
 type guard struct {
 	a    *Authority
 	next http.Handler
@@ -196,8 +198,9 @@ func (g *guard) serveSign(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write(rec.body.Bytes())
 }
 
-// precheckToken returns the token's jti, or an error if the token is (for certain)
-// refused: malformed, not signed by one of our provisioners, expired, or used.
+// precheckToken returns the token's jti, or an error if the token is refused:
+// malformed, not signed by one of our provisioners, outside its validity window by
+// the CA's clock (checkTokenTimes: stricter than step-ca), or used.
 func (a *Authority) precheckToken(tok string) (string, error) {
 	jwt, err := jose.ParseSigned(tok)
 	if err != nil {
@@ -214,8 +217,10 @@ func (a *Authority) precheckToken(tok string) (string, error) {
 	if err := jwt.Claims(pub, &c); err != nil {
 		return "", fmt.Errorf("%w: the signature does not verify", ErrTokenInvalid)
 	}
-	if c.Expiry != nil && time.Now().After(c.Expiry.Time().Add(time.Minute)) {
-		return "", ErrTokenExpired
+	// step-ca would take the token up to a minute outside its window (see
+	// tokenLeeway); refused here, it never reaches step-ca, so it is not recorded.
+	if err := checkTokenTimes(c, a.now()); err != nil {
+		return "", err
 	}
 	if c.ID != "" && a.tokenRecorded(c.ID) {
 		return "", ErrTokenUsed

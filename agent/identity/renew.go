@@ -368,10 +368,16 @@ func (r *Renewer) renewOnce(ctx context.Context, st *state) error {
 }
 
 // CAReason returns the ca sentinel error that err matches (token used,
-// token expired, revoked, ...), or err itself. The ca package wraps its
+// token expired, revoked, ...), or err itself; for a token refused for its
+// times, the *ca.TokenTimeError. The ca package wraps its
 // sentinels with its own context and the HTTP detail; a caller that adds its
 // own context uses this so a person reads the reason once.
 func CAReason(err error) error {
+	// A token refused for its times carries its own sentence (when, and the
+	// command that mints another), worth more than the bare sentinel.
+	if te := (*ca.TokenTimeError)(nil); errors.As(err, &te) {
+		return te
+	}
 	for _, s := range []error{ca.ErrTokenUsed, ca.ErrTokenExpired, ca.ErrTokenInvalid, ca.ErrUnknownCA,
 		ca.ErrRevoked, ca.ErrExpired, ca.ErrWrongRole, ca.ErrRequestRefused} {
 		if errors.Is(err, s) {

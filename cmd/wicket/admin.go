@@ -35,7 +35,7 @@ func adminClient(dir string) (*gateway.AdminClient, error) {
 func runToken(ctx context.Context, args []string) error {
 	fs := newFlagSet("token")
 	dataDir := dataDirFlag(fs)
-	ttl := fs.Duration("ttl", 15*time.Minute, "how long the token may be used (once)")
+	ttl := fs.Duration("ttl", 15*time.Minute, "how long the token is valid after minting (1s to 24h), checked to the second by the gateway; usable once")
 	useACME := fs.Bool("acme", false, "for an agent: an ACME enrollment credential (EAB key bound to the name) instead of a bootstrap token")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
