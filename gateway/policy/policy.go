@@ -1,12 +1,18 @@
 // Package policy decides which user may reach which resource through the
 // gateway. It is default deny: a user reaches a resource only when some rule
-// lists both, and an empty or missing rule list denies everything.
+// lists both.
 //
 // A policy file is YAML (DESIGN.md, "CLI contract"):
 //
 //	rules:
 //	  - users: ["alice", "ops-*"]
 //	    resources: ["postgres", "web"]
+//
+// A policy must say what it allows: a file that is empty (or only comments),
+// has no "rules:" key, or leaves "rules:" without a value is refused
+// ([ErrNoRules]), because that is also what a file caught half-written looks
+// like, and enforcing it would deny everyone. Denying everyone on purpose is
+// written "rules: []".
 //
 // Names (users and resources) are Wicket names: lowercase letters, digits and
 // '-', 1 to 63 characters, starting and ending with a letter or digit. A
@@ -51,6 +57,35 @@ const MaxFileSize = 1 << 20
 
 // ErrInvalid is wrapped by every error about the content of a policy.
 var ErrInvalid = errors.New("invalid policy")
+
+// ErrNoRules is wrapped (with ErrInvalid) by the error for a policy that does
+// not list its rules: empty, without a "rules:" key, or with "rules:" left
+// without a value. An explicit deny-all is "rules: []".
+var ErrNoRules = errors.New("no rules")
+
+// noRulesError is the error of a policy without rules; path is set once the
+// file is known, so the sentence reads "policy file F has no rules: ...".
+type noRulesError struct{ path, why string }
+
+func (e *noRulesError) Error() string {
+	if e.path == "" {
+		return "invalid policy: it has no rules: " + e.why
+	}
+	return "policy file " + e.path + " has no rules: " + e.why
+}
+
+func (e *noRulesError) Is(target error) bool { return target == ErrInvalid || target == ErrNoRules }
+
+// denyOnPurpose ends every no-rules sentence: what to write instead.
+const denyOnPurpose = `; list the rules, or write "rules: []" to deny everyone on purpose`
+
+// inFile puts the file name into a content error.
+func inFile(path string, err error) error {
+	if nr := (*noRulesError)(nil); errors.As(err, &nr) {
+		return &noRulesError{path: path, why: nr.why}
+	}
+	return fmt.Errorf("policy file %s: %w", path, err)
+}
 
 // Policy is a parsed, validated policy. The zero value and nil deny
 // everything. A Policy is immutable and safe for concurrent use.
@@ -128,25 +163,36 @@ func Load(path string) (*Policy, error) {
 	}
 	p, err := Parse(data)
 	if err != nil {
-		return nil, fmt.Errorf("policy file %s: %w", path, err)
+		return nil, inFile(path, err)
 	}
 	return p, nil
 }
 
 func readFile(name string) ([]byte, error) {
+	data, _, err := readFileStat(name)
+	return data, err
+}
+
+// readFileStat reads the file and stats the same open file, so that the
+// modification time belongs to the content read.
+func readFileStat(name string) ([]byte, os.FileInfo, error) {
 	f, err := os.Open(name)
 	if err != nil {
-		return nil, fmt.Errorf("read policy file: %w", err)
+		return nil, nil, fmt.Errorf("read policy file: %w", err)
 	}
 	defer f.Close()
 	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
 	if err != nil {
-		return nil, fmt.Errorf("read policy file %s: %w", name, err)
+		return nil, nil, fmt.Errorf("read policy file %s: %w", name, err)
 	}
 	if len(data) > MaxFileSize {
-		return nil, fmt.Errorf("policy file %s: %w: larger than %d bytes; is --policy pointing at the right file?", name, ErrInvalid, MaxFileSize)
+		return nil, nil, fmt.Errorf("policy file %s: %w: larger than %d bytes; is --policy pointing at the right file?", name, ErrInvalid, MaxFileSize)
 	}
-	return data, nil
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, nil, fmt.Errorf("read policy file %s: %w", name, err)
+	}
+	return data, fi, nil
 }
 
 // The on-disk shape, decoded with KnownFields so that a misspelt key is an
@@ -160,9 +206,10 @@ type fileRule struct {
 	Resources []string `yaml:"resources"`
 }
 
-// Parse parses and validates a policy. Empty input (or only comments, or
-// "rules: []") is a valid policy that denies everything. Errors wrap
-// ErrInvalid and name the line.
+// Parse parses and validates a policy. "rules: []" is a valid policy that
+// denies everything; empty input (or only comments), a document without a
+// "rules:" key, or "rules:" without a value is refused with ErrNoRules.
+// Errors wrap ErrInvalid and name the line.
 func Parse(data []byte) (*Policy, error) {
 	if len(data) > MaxFileSize {
 		return nil, fmt.Errorf("%w: larger than %d bytes", ErrInvalid, MaxFileSize)
@@ -172,7 +219,7 @@ func Parse(data []byte) (*Policy, error) {
 	var f fileFormat
 	if err := dec.Decode(&f); err != nil {
 		if errors.Is(err, io.EOF) {
-			return &Policy{}, nil
+			return nil, &noRulesError{why: "it is empty (or only comments)" + denyOnPurpose}
 		}
 		return nil, fmt.Errorf("%w: %s", ErrInvalid, yamlMessage(err))
 	}
@@ -188,6 +235,9 @@ func Parse(data []byte) (*Policy, error) {
 	}
 	rules, err := rulesFromNode(&doc)
 	if err != nil {
+		if nr := (*noRulesError)(nil); errors.As(err, &nr) {
+			return nil, err
+		}
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	return &Policy{rules: rules}, nil
@@ -195,26 +245,31 @@ func Parse(data []byte) (*Policy, error) {
 
 func rulesFromNode(doc *yaml.Node) ([]rule, error) {
 	if doc.Kind != yaml.DocumentNode || len(doc.Content) == 0 {
-		return nil, nil
+		return nil, &noRulesError{why: "it is empty (or only comments)" + denyOnPurpose}
 	}
 	top := doc.Content[0]
 	if err := plain(top); err != nil {
 		return nil, err
 	}
 	if top.Kind != yaml.MappingNode {
-		return nil, nil // only null reaches here: the struct decode rejected anything else
+		// Only null reaches here: the struct decode rejected anything else.
+		return nil, &noRulesError{why: "the document is empty" + denyOnPurpose}
 	}
-	var seq *yaml.Node
+	var key, seq *yaml.Node
 	for i := 0; i+1 < len(top.Content); i += 2 {
 		if top.Content[i].Value == "rules" {
-			seq = top.Content[i+1]
+			key, seq = top.Content[i], top.Content[i+1]
 		}
 	}
-	if seq == nil || seq.Kind != yaml.SequenceNode {
-		if err := plain(seq); err != nil {
-			return nil, err
-		}
-		return nil, nil // absent or null: deny all
+	if seq == nil {
+		return nil, &noRulesError{why: `there is no "rules:" key` + denyOnPurpose}
+	}
+	if err := plain(seq); err != nil {
+		return nil, err
+	}
+	if seq.Kind != yaml.SequenceNode {
+		// Only null reaches here. A file cut off after its first line reads so.
+		return nil, &noRulesError{why: fmt.Sprintf(`line %d: "rules:" has no value`, key.Line) + denyOnPurpose}
 	}
 	var rules []rule
 	for i, rn := range seq.Content {

@@ -49,7 +49,7 @@ func TestDesignExample(t *testing.T) {
 }
 
 func TestDefaultDeny(t *testing.T) {
-	for _, src := range []string{"", "# only a comment\n", "rules:\n", "rules: []\n", "---\n", "~\n"} {
+	for _, src := range []string{"rules: []\n", "# nobody, on purpose\nrules: [] # deny all\n", "rules:\n  []\n"} {
 		p := mustParse(t, src)
 		if p.Allow("alice", "postgres") || p.Len() != 0 {
 			t.Errorf("policy %q allows something or has rules", src)
@@ -171,6 +171,35 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
+// A policy that does not list its rules is refused, not read as deny-all: it is
+// also what a file caught half-written looks like. "rules: []" says deny-all.
+func TestNoRulesRefused(t *testing.T) {
+	for _, c := range []struct{ src, want string }{
+		{"", "it is empty"},
+		{"\n\n", "it is empty"},
+		{"# only a comment\n", "it is empty"},
+		{"---\n", "the document is empty"},
+		{"~\n", "the document is empty"},
+		{"{}\n", `no "rules:" key`},
+		{"rules:\n", `line 1: "rules:" has no value`},
+		{"# header\nrules: ~\n", `line 2: "rules:" has no value`},
+		{"rules: null\n", `"rules:" has no value`},
+	} {
+		p, err := Parse([]byte(c.src))
+		if err == nil {
+			t.Errorf("Parse(%q) accepted %+v", c.src, p)
+			continue
+		}
+		if !errors.Is(err, ErrNoRules) || !errors.Is(err, ErrInvalid) {
+			t.Errorf("Parse(%q) = %q, want ErrNoRules and ErrInvalid", c.src, err)
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, "has no rules: ") || !strings.Contains(msg, c.want) || !strings.Contains(msg, `write "rules: []" to deny everyone on purpose`) || strings.Contains(msg, "\n") {
+			t.Errorf("Parse(%q) = %q, want one line saying %q and how to deny all", c.src, msg, c.want)
+		}
+	}
+}
+
 func TestLoad(t *testing.T) {
 	dir := t.TempDir()
 	good := filepath.Join(dir, "policy.yaml")
@@ -186,6 +215,12 @@ func TestLoad(t *testing.T) {
 	os.WriteFile(bad, []byte("rules:\n  - userz: [a]\n"), 0o600)
 	if _, err := Load(bad); err == nil || !strings.Contains(err.Error(), bad) || !strings.Contains(err.Error(), `"userz"`) {
 		t.Fatalf("Load(bad) = %v, want an error naming the file and the key", err)
+	}
+
+	empty := filepath.Join(dir, "empty.yaml")
+	os.WriteFile(empty, nil, 0o600)
+	if _, err := Load(empty); !errors.Is(err, ErrNoRules) || !strings.HasPrefix(err.Error(), "policy file "+empty+" has no rules: it is empty") {
+		t.Fatalf("Load(empty) = %v, want %q", err, "policy file "+empty+" has no rules: ...")
 	}
 
 	if _, err := Load(filepath.Join(dir, "missing.yaml")); !errors.Is(err, os.ErrNotExist) {

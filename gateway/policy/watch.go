@@ -14,14 +14,26 @@ import (
 // DefaultInterval is how often a Watcher polls when WatchConfig.Interval is 0.
 const DefaultInterval = time.Second
 
+// DefaultSettle is how long a changed policy file must stay the same before it
+// is applied, when WatchConfig.Settle is 0. An editor or a configuration tool
+// that writes the file in place (truncate, then write) finishes within
+// milliseconds; a quarter of a second lets such a save complete, and adds
+// little to a reload that already waits for the next poll.
+const DefaultSettle = 250 * time.Millisecond
+
 // WatchConfig configures [NewWatcher].
 type WatchConfig struct {
 	// Path is the policy file. Required; it must exist and be valid at start.
 	Path string
-	// Interval between polls. Default DefaultInterval (1 s). A change is
-	// applied once it has been seen unchanged on two consecutive polls, so
-	// it takes effect 1 to 2 intervals after the file is saved.
+	// Interval between polls. Default DefaultInterval (1 s).
 	Interval time.Duration
+	// Settle is how long a change must hold before it is acted on: once a
+	// poll sees the file differ from the policy in force, the watcher reads
+	// it again every Settle/4 (at most every Interval) and applies it, or
+	// rejects it, only when content, size and modification time have stayed
+	// the same for Settle. A change thus takes effect between Settle and
+	// Interval+Settle after the save. Default DefaultSettle (250 ms).
+	Settle time.Duration
 	// Logger receives one line per applied reload and one per rejected
 	// change. Default: discard.
 	Logger *slog.Logger
@@ -46,10 +58,20 @@ type WatchConfig struct {
 // that keeps the file's size and lands in the same coarse kernel timestamp
 // tick as the previous write.
 //
-// A new content is applied only after it was read identically on two
-// consecutive polls: a save caught half-written must not be enforced, since a
-// truncated block list can be valid YAML that names a different user ("alice"
-// from "alice-contractor").
+// A save caught half-written must not be enforced: a truncated block list can
+// be valid YAML that names a different user ("alice" from "alice-contractor"),
+// or fewer rules, and an empty file would deny everyone. So a new content is
+// acted on only after it held for WatchConfig.Settle (see there), and a file
+// without rules is refused (Parse). Requiring the same content on two
+// consecutive polls, as this watcher did before, was not enough: it counted
+// polls, not time, and two ticks of a time.Ticker come back to back when one
+// queued while a poll or the whole process was held up, so two reads a few
+// milliseconds apart could catch the same torn state; the empty file between
+// the truncate and the write of an in-place save was then valid, and enforced
+// as deny-all until the next poll; and a write between the two reads went
+// unnoticed. Now the time a state has held is measured by the clock, the next
+// read is timed from the end of the previous one, and size and modification
+// time are part of the state.
 type Watcher struct {
 	cfg    WatchConfig
 	log    *slog.Logger
@@ -57,11 +79,13 @@ type Watcher struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 	once   sync.Once
+	now    func() time.Time // time.Now; tests that drive poll by hand replace it
 
 	// Owned by the polling goroutine.
-	inForce  [32]byte // hash of the content in force
-	pending  string   // a new state (content hash or read error) seen once, waiting to be seen again
-	rejected string   // the last rejection reported, to report each one once
+	inForce      [32]byte  // hash of the content in force
+	pending      string    // the changed state (content, size, mtime, or read error) settling
+	pendingSince time.Time // when pending was first read
+	rejected     string    // the last rejection reported, to report each one once
 
 	polls atomic.Int64 // completed polls; lets tests wait for progress without sleeping
 }
@@ -84,6 +108,12 @@ func NewWatcher(ctx context.Context, cfg WatchConfig) (*Watcher, error) {
 	if cfg.Interval == 0 {
 		cfg.Interval = DefaultInterval
 	}
+	if cfg.Settle < 0 {
+		return nil, fmt.Errorf("policy watcher: negative settle time %v", cfg.Settle)
+	}
+	if cfg.Settle == 0 {
+		cfg.Settle = DefaultSettle
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -94,10 +124,10 @@ func NewWatcher(ctx context.Context, cfg WatchConfig) (*Watcher, error) {
 	}
 	p, err := Parse(data)
 	if err != nil {
-		return nil, fmt.Errorf("policy file %s: %w", cfg.Path, err)
+		return nil, inFile(cfg.Path, err)
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	w := &Watcher{cfg: cfg, log: log, cancel: cancel, done: make(chan struct{})}
+	w := &Watcher{cfg: cfg, log: log, cancel: cancel, done: make(chan struct{}), now: time.Now}
 	w.cur.Store(p)
 	w.inForce = sha256.Sum256(data)
 	go w.run(ctx)
@@ -125,45 +155,63 @@ func (w *Watcher) Close() error {
 
 func (w *Watcher) run(ctx context.Context) {
 	defer close(w.done)
-	t := time.NewTicker(w.cfg.Interval)
+	t := time.NewTimer(w.cfg.Interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			w.poll()
+			next := w.poll()
 			w.polls.Add(1)
+			t.Reset(next)
 		}
 	}
 }
 
-func (w *Watcher) poll() {
-	data, err := readFile(w.cfg.Path)
+// poll reads the file once, acts on a change that has settled, and returns
+// how long to wait before the next read: Interval, or less while a change
+// is settling.
+func (w *Watcher) poll() time.Duration {
+	now := w.now()
+	data, fi, err := readFileStat(w.cfg.Path)
+	var state string
+	var h [32]byte
 	if err != nil {
-		// A file missing for one poll is an editor between rename and write.
-		if !w.seenTwice("read error: " + err.Error()) {
-			return
+		state = "read error: " + err.Error()
+	} else {
+		h = sha256.Sum256(data)
+		if h == w.inForce {
+			// Unchanged, or back to the policy in force: nothing to apply.
+			w.pending = ""
+			if w.rejected != "" {
+				w.rejected = ""
+				w.log.Info("policy file is back to the policy in force", "path", w.cfg.Path)
+			}
+			return w.cfg.Interval
 		}
+		// Size and modification time make a write between two reads visible
+		// even if it led back to the same bytes.
+		state = fmt.Sprintf("content %x size %d mtime %d", h, fi.Size(), fi.ModTime().UnixNano())
+	}
+	// A state is acted on once it has held for Settle: a file missing for less
+	// is an editor between rename and write, a content that changes within it
+	// a save in progress.
+	if state != w.pending {
+		w.pending, w.pendingSince = state, now
+		return w.settleStep(0)
+	}
+	if held := now.Sub(w.pendingSince); held < w.cfg.Settle {
+		return w.settleStep(held)
+	}
+	if err != nil {
 		w.reject(err)
-		return
-	}
-	h := sha256.Sum256(data)
-	if h == w.inForce {
-		w.pending = ""
-		if w.rejected != "" {
-			w.rejected = ""
-			w.log.Info("policy file is back to the policy in force", "path", w.cfg.Path)
-		}
-		return
-	}
-	if !w.seenTwice(fmt.Sprintf("content %x", h)) {
-		return
+		return w.cfg.Interval
 	}
 	p, err := Parse(data)
 	if err != nil {
-		w.reject(fmt.Errorf("policy file %s: %w", w.cfg.Path, err))
-		return
+		w.reject(inFile(w.cfg.Path, err))
+		return w.cfg.Interval
 	}
 	w.cur.Store(p)
 	w.inForce = h
@@ -173,16 +221,15 @@ func (w *Watcher) poll() {
 	if w.cfg.OnReload != nil {
 		w.cfg.OnReload(nil)
 	}
+	return w.cfg.Interval
 }
 
-// seenTwice reports whether state was also what the previous poll saw, so
-// that only a state that held for a whole interval is acted on.
-func (w *Watcher) seenTwice(state string) bool {
-	if w.pending == state {
-		return true
-	}
-	w.pending = state
-	return false
+// settleStep is the wait before the next read of a settling change that has
+// held for held: a quarter of Settle (so that a write during it is seen),
+// at most Interval, and no later than the end of Settle.
+func (w *Watcher) settleStep(held time.Duration) time.Duration {
+	step := min(w.cfg.Settle/4, w.cfg.Interval, w.cfg.Settle-held)
+	return max(step, time.Millisecond)
 }
 
 func (w *Watcher) reject(err error) {

@@ -61,6 +61,11 @@ type fixture struct {
 
 func startWatcher(t *testing.T, initial string, interval time.Duration) *fixture {
 	t.Helper()
+	return startWatcherSettle(t, initial, interval, 0)
+}
+
+func startWatcherSettle(t *testing.T, initial string, interval, settle time.Duration) *fixture {
+	t.Helper()
 	f := &fixture{
 		path:    filepath.Join(t.TempDir(), "policy.yaml"),
 		reloads: make(chan error, 100),
@@ -70,6 +75,7 @@ func startWatcher(t *testing.T, initial string, interval time.Duration) *fixture
 	w, err := NewWatcher(context.Background(), WatchConfig{
 		Path:     f.path,
 		Interval: interval,
+		Settle:   settle,
 		Logger:   slog.New(slog.NewTextHandler(f.logs, nil)),
 		OnReload: func(err error) { f.reloads <- err },
 	})
@@ -133,10 +139,8 @@ func TestWatchReloads(t *testing.T) {
 	}
 
 	// Saved in place (same inode), not by rename. The new content is longer
-	// and written in one call without O_TRUNC: with a 2 ms interval on a
-	// loaded machine, a truncate-then-write could be seen empty on two polls
-	// and be applied (as deny-all), which is correct behaviour but not what
-	// this test is about.
+	// and written in one call without O_TRUNC, so that no read can see it
+	// torn: torn saves are TestWatchTornSave's business.
 	if len(carolDB) <= len(bobWeb) {
 		t.Fatal("test setup: carolDB must be longer than bobWeb")
 	}
@@ -223,36 +227,153 @@ func TestWatchMissingFile(t *testing.T) {
 	}
 }
 
-// A save caught half-written is not enforced: the content must be the same
-// on two consecutive polls. Driven by hand (the goroutine never ticks).
+// handClock is the watcher's clock in tests that call poll themselves.
+type handClock struct{ t time.Time }
+
+func (c *handClock) now() time.Time          { return c.t }
+func (c *handClock) advance(d time.Duration) { c.t = c.t.Add(d) }
+
+// A save caught half-written is not enforced: a change is acted on only once
+// it has held for Settle, counted from the last time it was seen to change.
+// Driven by hand (the goroutine never ticks; the clock is the test's).
 func TestWatchWaitsForStableContent(t *testing.T) {
-	f := startWatcher(t, aliceWeb, time.Hour)
+	f := startWatcherSettle(t, aliceWeb, time.Hour, time.Second)
+	clk := &handClock{t: time.Unix(1000, 0)}
+	f.w.now = clk.now
 	full := "rules:\n  - users:\n      - bob\n      - alice-contractor\n    resources: [web]\n"
 	torn := "rules:\n  - users:\n      - bob\n      - alice\n    resources: [web]\n" // what a torn read could look like
 	os.WriteFile(f.path, []byte(torn), 0o600)
-	f.w.poll()
-	os.WriteFile(f.path, []byte(full), 0o600)
-	f.w.poll()
-	if f.w.Allow("bob", "web") {
-		t.Fatal("a content seen on only one poll was applied")
+	if d := f.w.poll(); d <= 0 || d > time.Second/4 {
+		t.Fatalf("a change seen: next read in %v, want within a quarter of Settle", d)
 	}
+	clk.advance(900 * time.Millisecond)
+	os.WriteFile(f.path, []byte(full), 0o600)
+	f.w.poll() // changed again: it settles from now
+	clk.advance(900 * time.Millisecond)
 	f.w.poll()
+	// The old rule (two polls one interval apart agree) would apply full now;
+	// it has held for 0.9 s < Settle.
+	if f.w.Allow("bob", "web") {
+		t.Fatal("a content that held for less than Settle was applied")
+	}
+	clk.advance(200 * time.Millisecond)
+	if d := f.w.poll(); d != time.Hour {
+		t.Fatalf("after applying, next read in %v, want Interval", d)
+	}
 	if err := f.nextReload(t); err != nil {
 		t.Fatal(err)
 	}
 	if !f.w.Allow("alice-contractor", "web") || f.w.Allow("alice", "web") {
 		t.Fatal("the torn intermediate content was applied")
 	}
-	// The same for a file that is missing for a single poll (editor between rename and write).
+	// A file missing for less than Settle (an editor between rename and write)
+	// is not reported.
 	os.Remove(f.path)
 	f.w.poll()
-	writeByRename(t, f.path, full)
+	clk.advance(500 * time.Millisecond)
+	writeByRename(t, f.path, bobWeb)
 	f.w.poll()
+	clk.advance(1100 * time.Millisecond)
 	f.w.poll()
-	select {
-	case err := <-f.reloads:
-		t.Fatalf("a one-poll disappearance was reported: %v", err)
-	default:
+	if err := f.nextReload(t); err != nil {
+		t.Fatalf("a short disappearance was reported: %v", err)
+	}
+	if !f.w.Allow("bob", "web") {
+		t.Fatal("the content written after the disappearance was not applied")
+	}
+}
+
+// A save that writes the file in place in two parts, with a pause between (an
+// editor or a tool that truncates, then writes), must never be enforced half
+// written: alice, allowed by the old policy and by the new one, is never denied
+// while it happens. The first part alone is a valid policy without alice.
+func TestWatchTornSave(t *testing.T) {
+	const (
+		first  = "rules:\n  - users: [carol]\n    resources: [web]\n"
+		second = "  - users: [alice]\n    resources: [web]\n"
+		pause  = 200 * time.Millisecond
+	)
+	// Settle is far beyond the pause, so that a writer delayed by a loaded
+	// machine still finishes within it; the interval polls many times in it.
+	f := startWatcherSettle(t, aliceWeb, 5*time.Millisecond, 3*time.Second)
+
+	stop := make(chan struct{})
+	var denied, samples int
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			samples++
+			if !f.w.Decide("alice", "web").Allowed {
+				denied++
+			}
+		}
+	}()
+
+	fh, err := os.OpenFile(f.path, os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fh.WriteString(first); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(pause) // the editor's pause, not a wait for an event
+	if _, err := fh.WriteString(second); err != nil {
+		t.Fatal(err)
+	}
+	if err := fh.Close(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !f.w.Allow("carol", "web") {
+		if time.Now().After(deadline) {
+			t.Fatal("the completed save was not applied within 10s")
+		}
+		time.Sleep(time.Millisecond) // polling interval
+	}
+	close(stop)
+	wg.Wait()
+	if denied > 0 {
+		t.Fatalf("alice was denied in %d of %d decisions during the save", denied, samples)
+	}
+	if !f.w.Allow("alice", "web") {
+		t.Fatal("the completed save is not the policy in force")
+	}
+	if err := f.nextReload(t); err != nil {
+		t.Fatalf("OnReload(%v) for the completed save", err)
+	}
+	f.noMoreReloads(t) // one reload: the parts were never applied or reported
+}
+
+// An empty file, or one without rules, never replaces the policy in force;
+// "rules: []" does: that is how to deny everyone.
+func TestWatchReloadNoRules(t *testing.T) {
+	f := startWatcherSettle(t, aliceWeb, 2*time.Millisecond, 20*time.Millisecond)
+	for _, content := range []string{"", "rules:\n", "# emptied of its rules\n{}\n"} {
+		writeByRename(t, f.path, content)
+		err := f.nextReload(t)
+		if !errors.Is(err, ErrNoRules) || !strings.HasPrefix(err.Error(), "policy file "+f.path+" has no rules: ") {
+			t.Fatalf("OnReload(%v) for %q, want %q", err, content, "policy file "+f.path+" has no rules: ...")
+		}
+		if !f.w.Allow("alice", "web") {
+			t.Fatalf("the policy in force was dropped for %q", content)
+		}
+	}
+	if logs := f.logs.String(); strings.Count(logs, "keeping the previous policy") != 3 || !strings.Contains(logs, "has no rules") {
+		t.Fatalf("want one line per rejection saying why, got %q", logs)
+	}
+	writeByRename(t, f.path, "rules: []\n")
+	if err := f.nextReload(t); err != nil {
+		t.Fatalf("OnReload(%v) for an explicit deny-all", err)
+	}
+	if f.w.Allow("alice", "web") || f.w.Policy().Len() != 0 {
+		t.Fatal(`"rules: []" did not deny everyone`)
 	}
 }
 
@@ -262,12 +383,16 @@ func TestWatchStartErrors(t *testing.T) {
 	os.WriteFile(bad, []byte(invalid), 0o600)
 	good := filepath.Join(dir, "good.yaml")
 	os.WriteFile(good, []byte(aliceWeb), 0o600)
+	empty := filepath.Join(dir, "empty.yaml")
+	os.WriteFile(empty, nil, 0o600)
 	for _, c := range []struct {
 		name string
 		cfg  WatchConfig
 		want string
 	}{
 		{"missing", WatchConfig{Path: filepath.Join(dir, "nope.yaml")}, "no such file"},
+		{"empty", WatchConfig{Path: empty}, "policy file " + empty + " has no rules: it is empty"},
+		{"negative settle", WatchConfig{Path: good, Settle: -1}, "negative settle"},
 		{"invalid", WatchConfig{Path: bad}, `unknown key "resourcez"`},
 		{"no path", WatchConfig{}, "no policy file"},
 		{"negative interval", WatchConfig{Path: good, Interval: -1}, "negative interval"},
