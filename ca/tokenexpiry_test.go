@@ -118,7 +118,7 @@ func TestTokenNotYetValid(t *testing.T) {
 		clk.stopAt(c.NotBefore.Time().Add(-3 * time.Second))
 		_, err := Enroll(ctx, tok)
 		wantErr(t, err, ErrTokenNotYetValid)
-		if !strings.Contains(err.Error(), "not valid before "+c.NotBefore.Time().UTC().Format(time.RFC3339)) {
+		if !strings.Contains(err.Error(), "(valid from "+c.NotBefore.Time().UTC().Format(time.RFC3339)) {
 			t.Errorf("error %q does not give the time", err)
 		}
 		if e.a.tokenRecorded(c.ID) {

@@ -39,6 +39,7 @@ type TokenTimeError struct {
 	Name string
 }
 
+// Error is the sentence a person reads: when, and the command that mints another.
 func (e *TokenTimeError) Error() string {
 	mint := "mint a new one with `wicket token create " + string(e.Role) + " " + e.Name + "`"
 	if e.Role == "" || e.Name == "" {
@@ -48,8 +49,8 @@ func (e *TokenTimeError) Error() string {
 	if e.Expired {
 		return ErrTokenExpired.Error() + " at " + at + "; " + mint
 	}
-	return ErrTokenNotYetValid.Error() + ": not valid before " + at +
-		" by this gateway's clock (is the clock of the gateway that minted it ahead?); " + mint
+	return ErrTokenNotYetValid.Error() + " (valid from " + at +
+		" by this gateway's clock: is the clock of the gateway that minted it ahead?); " + mint
 }
 
 // Is makes errors.Is(err, ErrTokenExpired) (or ErrTokenNotYetValid) hold.
