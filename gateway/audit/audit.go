@@ -69,6 +69,54 @@
 // refuse with an error instead, because silently sealing it could launder an
 // edit into a "recovery".
 //
+// # What happens when the log cannot be written
+//
+// Audit is part of access: an access that leaves no record must not be granted.
+// A write or fsync that fails (a full disk, an I/O error, a file system remounted
+// read-only) begins an outage, and until it ends:
+//
+//   - [Log.Write], [Log.WriteAccess] and [Log.Admit] write nothing and return an error
+//     wrapping [ErrUnavailable] at once. The gateway writes the record of every
+//     access-creating event (a token minted, an enrollment, a renewal, a new user
+//     session) with WriteAccess, or asks Admit before an action that is costly to undo,
+//     and refuses the event when either fails; [Log.Health] tells /readyz and the
+//     metrics.
+//   - Records of other events (a session ended, a refused handshake, an agent that
+//     disconnected) cannot be written either. Those events have happened, or cannot be
+//     refused (refusing to end a session would not undo it), so their records are
+//     lost: the Log counts them, by type, rather than keeping them in memory.
+//   - Every [Options.RetryInterval] (1 s) the Log reopens its file by path, seals what
+//     a failed write left of a line exactly as Open seals a torn tail after a crash (no
+//     byte that reached the file is removed), and writes a [TypeLogGap] record: the
+//     first and the last failure, the error, how many access-creating events were
+//     refused and how many other records lost, by type, and, if an fsync failed, which
+//     records are in the file although their writers were told they were not written.
+//     The outage ends when that record is on disk.
+//
+// On Linux the Log reserves room for each line before writing it (fallocate(2), which
+// keeps the file size), so a full disk refuses a record whole instead of cutting it
+// short; where a file system cannot reserve, the cut line is sealed on reopen.
+//
+// The trade-offs, chosen for an auditor rather than for uptime:
+//
+//   - A full disk stops new access (tokens, logins, enrollments, renewals, new
+//     sessions) until it has room again. Sessions already running are not cut: their
+//     start is on record, and cutting them would lose users' work without adding
+//     evidence; what the log loses meanwhile (their ends, disconnects, refused
+//     handshakes) is counted in the log.gap record.
+//   - Lost records are counted, not buffered: a buffer would need a bound, would vanish
+//     in a crash all the same, and would put on record, later and out of order,
+//     events whose times the chain could not vouch for when they happened.
+//   - The file is reopened, never created again: a log that was deleted or moved
+//     away is not replaced by a new chain behind the operator's back, and the outage
+//     lasts until the gateway is restarted.
+//   - A reopen drops the file's lock for an instant (a lock belongs to a descriptor);
+//     a second gateway on the same data directory could take it only by starting in
+//     that instant, and it would then resume the same chain, so the chain stays whole.
+//   - A Log closed during an outage returns an error with the counts, because no
+//     log.gap record can state them; the next start finds no gateway.stopped record
+//     and says so ([ScanLastRun]).
+//
 // # What this package must not do
 //
 // It must never write payloads (bytes relayed between a user and a resource),
@@ -86,10 +134,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -150,8 +200,17 @@ const (
 	// TypeACMEBind: an agent opened an ACME validation connection (ALPN wicket-acme/1);
 	// Outcome says whether it was bound to its ACME account.
 	TypeACMEBind = "acme.bind"
-	// TypeLogRecovered: written by [Open] to seal a torn last line; see the package doc.
+	// TypeLogRecovered: written by the Log when it opens (or reopens after an outage) to
+	// seal a torn last line; see the package doc.
 	TypeLogRecovered = "log.recovered"
+	// TypeLogGap: written by the Log when it can write again after an outage: how many
+	// events were refused and how many records lost, between which times (Extra); see
+	// "What happens when the log cannot be written" in the package doc.
+	TypeLogGap = "log.gap"
+	// TypeGatewayCrashed: at start, the gateway found that its previous run ended
+	// without a gateway.stopped record; it ended what that run left open (outcome
+	// gateway_crashed) and then wrote this record. See [ScanLastRun].
+	TypeGatewayCrashed = "gateway.crashed"
 )
 
 // Outcome values for [Record.Outcome].
@@ -159,6 +218,9 @@ const (
 	OutcomeOK     = "ok"     // the action happened
 	OutcomeDenied = "denied" // refused by policy or authentication
 	OutcomeError  = "error"  // failed for an operational reason
+	// OutcomeGatewayCrashed ends a session or connection that a gateway left open when it
+	// was killed or lost power; written by its next start (session.ended, *.disconnected).
+	OutcomeGatewayCrashed = "gateway_crashed"
 )
 
 // Record is one audit event. Fields with omitempty are absent when zero, so
@@ -217,12 +279,44 @@ func (r *Record) SetTLS(cs tls.ConnectionState) {
 
 // Options tune [OpenWithOptions]. The zero value is the production setting.
 type Options struct {
-	// Now is the clock used for records whose Time is zero. Default time.Now.
+	// Now is the clock used for records whose Time is zero, and for the times of an
+	// outage. Default time.Now.
 	Now func() time.Time
 	// NoSync skips the fsync after each record. Default false (fsync every
 	// record). Only for tests and benchmarks: with NoSync a crash can lose
 	// records that Write already acknowledged.
 	NoSync bool
+	// RetryInterval is how often a Log that cannot write tries to reopen its file.
+	// Default 1 s: access comes back within about a second of the disk being writable
+	// again, and one open, tail read and write per second costs nothing.
+	RetryInterval time.Duration
+	// OpenFile opens the log's file. Default os.OpenFile, with fallocate(2) for
+	// reservations on Linux. Tests pass one that fails on demand.
+	OpenFile func(name string, flag int, perm fs.FileMode) (File, error)
+	// OnStateChange, if set, is called when the log becomes unavailable and when it is
+	// written again, with its health at that moment, outside the Log's locks and one
+	// call at a time. Calls can repeat a state (an outage that began and ended between
+	// two calls); it must not call the Log's Write methods.
+	OnStateChange func(Health)
+}
+
+// DefaultRetryInterval is [Options.RetryInterval]'s default.
+const DefaultRetryInterval = time.Second
+
+// Health is a Log's state, for readiness checks and metrics.
+type Health struct {
+	// OK is false while the log cannot be written.
+	OK bool
+	// Since is when the current outage began; Err is the failure that began it and
+	// Retry the reason the latest attempt to reopen failed (zero and nil when OK).
+	Since      time.Time
+	Err, Retry error
+	// Refused and Lost count the events of the current outage so far (see [Log.Write]).
+	Refused, Lost uint64
+	// Failures counts, since Open, the records that could not be written: the one whose
+	// write or fsync failed, those left unconfirmed by a failed fsync, and every event
+	// refused or lost while the log was unavailable. It never decreases.
+	Failures uint64
 }
 
 // Log appends records to an audit file. It is safe for concurrent use; the
@@ -234,20 +328,49 @@ type Options struct {
 // next fsync covers all of them, so the durability promise of Write holds
 // while the per-record fsync cost is divided among the waiting writers.
 // Lock order: syncMu before mu.
+//
+// A failed write or fsync starts an outage (outage.go): the Log refuses
+// writes at once, counts them, and a goroutine reopens the file every
+// RetryInterval until it can write the outage's log.gap record.
 type Log struct {
-	path   string
-	now    func() time.Time
-	noSync bool
+	path     string
+	now      func() time.Time
+	noSync   bool
+	retry    time.Duration
+	openFile func(name string, flag int, perm fs.FileMode) (File, error)
+	onChange func(Health)
+	notifyMu sync.Mutex // one OnStateChange call at a time
 
-	syncMu sync.Mutex // serialises fsyncs; guards synced
-	synced uint64     // every record up to this seq is on disk
+	syncMu sync.Mutex    // serialises fsyncs and reopens
+	synced atomic.Uint64 // every record up to this seq is on disk (within the current epoch)
 
-	mu     sync.Mutex
-	f      *os.File
-	seq    uint64 // seq of the last record written to the file, 0 if none
-	head   string // hex SHA-256 of the last line, or Genesis
-	broken error  // sticky: set when a write or fsync failed
-	closed bool
+	mu       sync.Mutex
+	f        File  // nil only during an outage, after a reopen failed
+	size     int64 // bytes in the file, where the next reservation starts
+	reserved int64 // the file has room reserved up to here (>= size)
+	noAlloc  bool  // the file system cannot reserve space
+	seq      uint64
+	head     string // hex SHA-256 of the last line, or Genesis
+	closed   bool
+	// epoch counts outages. A writer waiting for its fsync when an outage begins
+	// learns from it that its record was not confirmed (durable, per ended epoch, is
+	// the last seq an fsync confirmed before the outage).
+	epoch    uint64
+	durable  map[uint64]uint64
+	pending  []pendingRecord // written but not yet fsynced (fsync mode only)
+	out      *outage         // non-nil while the log cannot be written
+	retrying bool            // a retry goroutine runs
+	failures uint64          // Health.Failures
+
+	stop chan struct{}  // closed by Close: ends the retry goroutine
+	bg   sync.WaitGroup // the retry goroutine
+}
+
+// pendingRecord is a record written to the file whose fsync has not yet confirmed it.
+type pendingRecord struct {
+	seq    uint64
+	typ    string
+	access bool
 }
 
 // Open opens or creates the audit log at path with the production options
@@ -264,17 +387,25 @@ func Open(path string, now func() time.Time) (*Log, error) {
 // an error that says what to do. Open reads only the tail, so opening a large
 // log is fast; it does not check the older chain, which is Verify's job.
 func OpenWithOptions(path string, opts Options) (*Log, error) {
-	now := opts.Now
-	if now == nil {
-		now = time.Now
+	l := &Log{path: path, now: opts.Now, noSync: opts.NoSync, retry: opts.RetryInterval,
+		openFile: opts.OpenFile, onChange: opts.OnStateChange, head: Genesis,
+		durable: map[uint64]uint64{}, stop: make(chan struct{})}
+	if l.now == nil {
+		l.now = time.Now
+	}
+	if l.retry <= 0 {
+		l.retry = DefaultRetryInterval
+	}
+	if l.openFile == nil {
+		l.openFile = openOSFile
 	}
 	_, statErr := os.Stat(path)
 	created := errors.Is(statErr, os.ErrNotExist)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := l.openFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open audit log %s: %w", path, err)
 	}
-	l := &Log{path: path, now: now, noSync: opts.NoSync, f: f, head: Genesis}
+	l.f = f
 	if err := l.init(created); err != nil {
 		f.Close()
 		return nil, err
@@ -283,7 +414,7 @@ func OpenWithOptions(path string, opts Options) (*Log, error) {
 }
 
 func (l *Log) init(created bool) error {
-	if err := lockFile(l.f); err != nil {
+	if err := lockFile(l.f.Fd()); err != nil {
 		return fmt.Errorf("audit log %s: %w", l.path, err)
 	}
 	fi, err := l.f.Stat()
@@ -304,12 +435,14 @@ func (l *Log) init(created bool) error {
 			return fmt.Errorf("audit log %s: %w", l.path, err)
 		}
 	}
+	l.size, l.reserved = fi.Size(), fi.Size()
 	return l.resume(fi.Size())
 }
 
 // resume reads the tail of the file to restore seq and head, sealing a torn
 // fragment if there is one.
 func (l *Log) resume(size int64) error {
+	l.seq, l.head = 0, Genesis
 	if size == 0 {
 		return nil
 	}
@@ -342,6 +475,7 @@ func (l *Log) resume(size int64) error {
 		l.seq = rec.Seq
 		l.head = lineHash(line)
 	}
+	l.synced.Store(l.seq)
 	if len(fragment) == 0 {
 		return nil
 	}
@@ -356,14 +490,19 @@ func (l *Log) resume(size int64) error {
 		},
 	}
 	// The newline that terminates the fragment and the record go out in one
-	// write, so the file never holds a terminated fragment without its seal.
-	if err := l.append([]byte{'\n'}, rec); err != nil {
+	// write, so the file never holds a terminated fragment without its seal
+	// (and the reservation before it keeps a full disk from cutting it short).
+	line, err := l.encode(rec)
+	if err == nil {
+		err = l.appendLine([]byte{'\n'}, line)
+	}
+	if err != nil {
 		return fmt.Errorf("seal torn tail of audit log %s: %w", l.path, err)
 	}
 	if err := l.f.Sync(); err != nil {
 		return fmt.Errorf("seal torn tail of audit log %s: fsync: %w", l.path, err)
 	}
-	l.synced = l.seq
+	l.synced.Store(l.seq)
 	return nil
 }
 
@@ -386,68 +525,152 @@ func (l *Log) countLines(upto int64) (int, error) {
 
 // Write appends r to the log. It sets r.Seq and r.Prev, and r.Time when it is
 // zero (always stored in UTC). With the default options the record is on disk
-// when Write returns nil. After a failed write the file may end in a partial
-// line, so the Log refuses further writes (ErrBroken); reopening it with
-// [Open] seals the partial line and continues the chain.
-func (l *Log) Write(r Record) error {
+// when Write returns nil.
+//
+// While the log cannot be written (a write or fsync failed and the file has not
+// been reopened yet), Write writes nothing and returns an error wrapping
+// [ErrUnavailable] at once; the record counts as lost in the log.gap record
+// written when the log is back. Use [Log.WriteAccess] for the record of an
+// event that the caller refuses when it cannot be recorded.
+func (l *Log) Write(r Record) error { return l.write(r, false) }
+
+// WriteAccess is [Log.Write] for the record of an access-creating event (a token
+// minted, a certificate issued or renewed, a session started): the caller must
+// refuse or undo the event when it returns an error, so while the log is
+// unavailable the event counts as refused rather than lost.
+func (l *Log) WriteAccess(r Record) error { return l.write(r, true) }
+
+// Admit returns nil while the log can be written, and otherwise an error wrapping
+// [ErrUnavailable], counting one refused event of type typ. Callers use it before an
+// access-creating action that is costly to undo (signing a certificate, opening a
+// stream to a resource), then record the action with [Log.WriteAccess] and undo it if
+// that fails: the log can break between the two.
+func (l *Log) Admit(typ string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return ErrClosed
+	}
+	if l.out == nil {
+		return nil
+	}
+	l.countLocked(typ, true)
+	return l.unavailableLocked()
+}
+
+func (l *Log) write(r Record, access bool) error {
 	if r.Type == "" {
 		return errors.New("audit record has no type")
 	}
-	if r.Type == TypeLogRecovered {
-		// Reserved for Open: Verify treats the line before a log.recovered
-		// record specially, so no caller may write one.
-		return errors.New("audit record type log.recovered is reserved for crash recovery")
+	if r.Type == TypeLogRecovered || r.Type == TypeLogGap {
+		// Reserved for the Log itself: Verify treats the line before a
+		// log.recovered record specially, and a log.gap record speaks for the
+		// Log, so no caller may write one.
+		return fmt.Errorf("audit record type %s is reserved for the log itself", r.Type)
 	}
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
 		return ErrClosed
 	}
-	if l.broken != nil {
+	if l.out != nil {
+		l.countLocked(r.Type, access)
+		err := l.unavailableLocked()
 		l.mu.Unlock()
-		return fmt.Errorf("%w: %w", ErrBroken, l.broken)
-	}
-	err := l.append(nil, r)
-	seq := l.seq
-	l.mu.Unlock()
-	if err != nil || l.noSync {
 		return err
 	}
-	return l.syncThrough(seq)
+	line, err := l.encode(r)
+	if err != nil {
+		l.mu.Unlock()
+		return err // nothing was written: not an outage
+	}
+	if err := l.appendLine(nil, line); err != nil {
+		l.breakLocked(err)
+		l.countLocked(r.Type, access)
+		uerr := l.unavailableLocked()
+		l.mu.Unlock()
+		l.notify()
+		return uerr
+	}
+	seq, epoch := l.seq, l.epoch
+	if !l.noSync {
+		l.pending = append(l.pending, pendingRecord{seq: seq, typ: r.Type, access: access})
+	}
+	l.mu.Unlock()
+	if l.noSync {
+		return nil
+	}
+	return l.syncThrough(seq, epoch)
 }
 
 // syncThrough returns once every record up to seq is on disk, running an
-// fsync itself unless one that covers seq already completed.
-func (l *Log) syncThrough(seq uint64) error {
+// fsync itself unless one that covers seq already completed. epoch is the
+// log's epoch when seq was written.
+func (l *Log) syncThrough(seq, epoch uint64) error {
 	l.syncMu.Lock()
 	defer l.syncMu.Unlock()
-	if l.synced >= seq {
+	l.mu.Lock()
+	if l.epoch != epoch {
+		// An outage began after this record was written: it stands only if an
+		// fsync confirmed it before. If not, it was counted when the outage began.
+		ok := seq <= l.durable[epoch]
+		err := l.unavailableLocked()
+		l.mu.Unlock()
+		if ok {
+			return nil
+		}
+		return err
+	}
+	if l.synced.Load() >= seq {
+		l.mu.Unlock()
 		return nil // a writer that queued earlier fsynced our record too
 	}
-	l.mu.Lock()
-	if l.broken != nil {
+	if l.closed {
 		l.mu.Unlock()
-		return fmt.Errorf("%w: %w", ErrBroken, l.broken)
+		return ErrClosed // Close's fsync failed, or ran before this record
 	}
 	// Every record up to target has been written (write(2) returned), so
 	// the fsync below makes all of them durable.
-	target := l.seq
+	target, f := l.seq, l.f
 	l.mu.Unlock()
-	if err := l.f.Sync(); err != nil {
+	err := f.Sync()
+	l.mu.Lock()
+	switch {
+	case l.epoch != epoch:
+		// A write failed while this fsync ran, and that outage counted our records
+		// as unconfirmed: whatever this fsync did, they stay so.
+		err = l.unavailableLocked()
+		l.mu.Unlock()
+		return err
+	case err != nil:
 		// After a failed fsync the kernel may have dropped the dirty pages:
 		// nothing written since the last good fsync can be trusted.
-		l.mu.Lock()
-		l.broken = err
+		l.breakLocked(fmt.Errorf("fsync audit log %s: %w", l.path, err))
+		err = l.unavailableLocked()
 		l.mu.Unlock()
-		return fmt.Errorf("fsync audit log %s: %w", l.path, err)
+		l.notify()
+		return err
 	}
-	l.synced = target
+	l.synced.Store(target)
+	kept := l.pending[:0]
+	for _, p := range l.pending {
+		if p.seq > target {
+			kept = append(kept, p)
+		}
+	}
+	l.pending = kept
+	l.mu.Unlock()
 	return nil
 }
 
-// append encodes r after the current head and writes prefix+line in one
-// write, without fsync. Callers hold l.mu (or own l exclusively, as in Open).
-func (l *Log) append(prefix []byte, r Record) error {
+// recordError is a record that cannot be encoded: nothing is written, and the log stays usable.
+type recordError struct{ msg string }
+
+func (e *recordError) Error() string { return e.msg }
+
+// encode sets r's time, seq and prev after the current head and returns its line,
+// newline included. Callers hold l.mu.
+func (l *Log) encode(r Record) ([]byte, error) {
 	if r.Time.IsZero() {
 		r.Time = l.now()
 	}
@@ -456,22 +679,33 @@ func (l *Log) append(prefix []byte, r Record) error {
 	r.Prev = l.head
 	line, err := json.Marshal(r)
 	if err != nil {
-		return fmt.Errorf("encode audit record %s: %w", r.Type, err)
+		return nil, &recordError{fmt.Sprintf("encode audit record %s: %v", r.Type, err)}
 	}
 	line = append(line, '\n')
 	if len(line) > MaxRecordSize {
-		return fmt.Errorf("audit record %s is %d bytes, more than the %d-byte limit: shorten its reason or extra fields", r.Type, len(line), MaxRecordSize)
+		return nil, &recordError{fmt.Sprintf("audit record %s is %d bytes, more than the %d-byte limit: shorten its reason or extra fields", r.Type, len(line), MaxRecordSize)}
 	}
+	return line, nil
+}
+
+// appendLine writes prefix+line (an encoded record) in one write, without fsync, after
+// reserving room for it, and advances the head. On failure the head stays, and part of
+// the bytes may be in the file: nothing may chain onto them until a reopen seals them.
+// Callers hold l.mu (or own l exclusively, as in Open).
+func (l *Log) appendLine(prefix, line []byte) error {
 	buf := line
 	if len(prefix) > 0 {
 		buf = append(append(make([]byte, 0, len(prefix)+len(line)), prefix...), line...)
 	}
-	if _, err := l.f.Write(buf); err != nil {
-		// Part of the line may be in the file: nothing may chain onto it.
-		l.broken = err
+	if err := l.reserve(int64(len(buf))); err != nil {
+		return err
+	}
+	n, err := l.f.Write(buf)
+	l.size += int64(n)
+	if err != nil {
 		return fmt.Errorf("write audit log %s: %w", l.path, err)
 	}
-	l.seq = r.Seq
+	l.seq++
 	l.head = lineHash(line)
 	return nil
 }
@@ -488,34 +722,44 @@ func (l *Log) Head() (seq uint64, hash string) {
 // Path returns the file the log writes to.
 func (l *Log) Path() string { return l.path }
 
-// Close fsyncs what was written, releases the lock and closes the file.
-// Writes after Close fail with ErrClosed. Close is idempotent.
+// Close fsyncs what was written, stops retrying after an outage, releases
+// the lock and closes the file. Writes after Close fail with ErrClosed. Close
+// is idempotent. Closing during an outage returns an error that states what
+// the outage refused and lost, since no log.gap record will.
 func (l *Log) Close() error {
 	l.syncMu.Lock()
-	defer l.syncMu.Unlock()
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	if l.closed {
+		l.mu.Unlock()
+		l.syncMu.Unlock()
 		return nil
 	}
 	l.closed = true
-	var syncErr error
-	if !l.noSync && l.broken == nil && l.synced < l.seq {
+	close(l.stop)
+	var errs []error
+	if l.out == nil && !l.noSync && l.synced.Load() < l.seq {
 		// A writer between its write and its fsync finds synced >= its seq
 		// once Close returns, so this fsync is the one it waits for.
-		if syncErr = l.f.Sync(); syncErr == nil {
-			l.synced = l.seq
+		if err := l.f.Sync(); err != nil {
+			errs = append(errs, fmt.Errorf("fsync audit log %s: %w", l.path, err))
 		} else {
-			l.broken = syncErr
+			l.synced.Store(l.seq)
 		}
 	}
-	if err := l.f.Close(); err != nil {
-		return fmt.Errorf("close audit log %s: %w", l.path, err)
+	if o := l.out; o != nil {
+		errs = append(errs, fmt.Errorf("audit log %s closed while it could not be written (since %s: %v): %d access-creating events were refused and %d records lost, and no log.gap record states it",
+			l.path, o.first.UTC().Format(time.RFC3339), o.cause, o.nRefused, o.nLost))
 	}
-	if syncErr != nil {
-		return fmt.Errorf("fsync audit log %s: %w", l.path, syncErr)
+	f := l.f
+	l.mu.Unlock()
+	l.syncMu.Unlock()
+	l.bg.Wait()
+	if f != nil {
+		if err := f.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close audit log %s: %w", l.path, err))
+		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // lineHash is the chain function: hex SHA-256 of a line's exact bytes,

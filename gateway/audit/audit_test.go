@@ -264,21 +264,6 @@ func TestWriteErrors(t *testing.T) {
 	}
 }
 
-func TestFailedWriteBreaksLog(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "audit.log")
-	l := openLog(t, path)
-	if err := l.Write(sampleRecord(1)); err != nil {
-		t.Fatal(err)
-	}
-	l.f.Close() // make the next write fail underneath the Log
-	if err := l.Write(sampleRecord(2)); err == nil {
-		t.Fatal("Write to a closed file succeeded")
-	}
-	if err := l.Write(sampleRecord(3)); !errors.Is(err, ErrBroken) {
-		t.Fatalf("Write after a failed write: %v, want ErrBroken", err)
-	}
-}
-
 func TestSetTLS(t *testing.T) {
 	var r Record
 	r.SetTLS(tls.ConnectionState{Version: tls.VersionTLS13, CipherSuite: tls.TLS_AES_128_GCM_SHA256})

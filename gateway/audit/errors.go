@@ -6,10 +6,11 @@ import "errors"
 var (
 	// ErrClosed is returned by Write after Close.
 	ErrClosed = errors.New("audit log is closed")
-	// ErrBroken is returned by Write after an earlier write or fsync failed:
-	// the file may end in a partial line, so nothing more is chained onto it
-	// until the log is reopened (Open seals the partial line).
-	ErrBroken = errors.New("audit log is unusable after a failed write; reopen it")
+	// ErrUnavailable is returned by Write, WriteAccess and Admit while the log
+	// cannot be written: a write or fsync failed (a full disk, an I/O error, a
+	// file system remounted read-only) and the Log has not yet reopened the file
+	// and written the outage's log.gap record. The error also wraps the failure.
+	ErrUnavailable = errors.New("the audit log cannot be written")
 	// ErrLocked is returned by Open when another process or Log holds the file.
 	ErrLocked = errors.New("audit log is already open for writing elsewhere (another gateway on the same data directory?)")
 )

@@ -5,15 +5,14 @@ package audit
 import (
 	"errors"
 	"fmt"
-	"os"
 	"syscall"
 )
 
 // lockFile takes a non-blocking exclusive flock. flock locks belong to the
 // open file description, so a second Open of the same file fails even inside
 // one process, which is what keeps two writers from forking the chain.
-func lockFile(f *os.File) error {
-	err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+func lockFile(fd uintptr) error {
+	err := syscall.Flock(int(fd), syscall.LOCK_EX|syscall.LOCK_NB)
 	if errors.Is(err, syscall.EWOULDBLOCK) {
 		return ErrLocked
 	}
