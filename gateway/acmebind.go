@@ -237,7 +237,9 @@ func (g *Gateway) onAgentACMEIssued(id ca.Identity, serial string) {
 	rec := audit.Record{Type: audit.TypeCertIssued, Outcome: audit.OutcomeOK, Serial: serial,
 		Extra: map[string]string{"via": "acme"}}
 	setIdentity(&rec, id)
-	g.record(rec)
+	if !g.recordIssued(rec, id) {
+		return
+	}
 	g.counters.certs.inc("issued", roleLabel(id.Role))
 	g.log.Info("certificate issued", "kind", "acme", "identity", id.String(), "serial", serial)
 }

@@ -125,11 +125,19 @@ func (g *Gateway) adminToken(w http.ResponseWriter, r *http.Request) {
 		err   error
 		extra = map[string]string{"ttl": effectiveTTL(ttl).String(), "via": "admin.sock"}
 	)
+	if req.ACME && role != ca.RoleAgent {
+		writeError(w, http.StatusBadRequest, "--acme enrollment credentials are for agents only")
+		return
+	}
+	// A token exists for its holder only once it is returned, and it is returned only
+	// after its token.created record is written: asked first so that, while the log is
+	// known to be down, no ACME credential is even stored.
+	if err := g.audit.Admit(audit.TypeTokenCreated); err != nil {
+		g.log.Warn("token refused: the audit log cannot be written", "role", role, "name", req.Name, "err", err)
+		writeError(w, http.StatusServiceUnavailable, g.tokenRefusal())
+		return
+	}
 	if req.ACME {
-		if role != ca.RoleAgent {
-			writeError(w, http.StatusBadRequest, "--acme enrollment credentials are for agents only")
-			return
-		}
 		var cred ca.ACMECredential
 		cred, err = g.authority.NewAgentACMECredential(r.Context(), req.Name, ttl)
 		if err == nil {
@@ -147,7 +155,12 @@ func (g *Gateway) adminToken(w http.ResponseWriter, r *http.Request) {
 	id := ca.Identity{TrustDomain: g.authority.TrustDomain(), Role: role, Name: req.Name}
 	rec := audit.Record{Type: audit.TypeTokenCreated, Outcome: "ok", Extra: extra}
 	setIdentity(&rec, id)
-	g.record(rec)
+	if err := g.recordAccess(rec); err != nil {
+		// The token is dropped unseen: a JWT nobody holds is as good as none, and an ACME
+		// credential's key is useless without the HMAC that goes with it here.
+		writeError(w, http.StatusServiceUnavailable, g.tokenRefusal())
+		return
+	}
 	g.log.Info("token created", "identity", id.String(), "ttl", effectiveTTL(ttl).String())
 	writeJSON(w, http.StatusOK, TokenResponse{Token: tok})
 }

@@ -17,7 +17,7 @@ type Counters struct {
 	// AgentSessions counts agent sessions registered; UserSessions user connections accepted.
 	AgentSessions, UserSessions int64
 	// Streams counts user streams by outcome ("ok", "denied", "unavailable", "unknown resource",
-	// "dial failed", "error").
+	// "dial failed", "error", "audit unavailable").
 	Streams map[string]int64
 	// BytesUp (user to resource) and BytesDown (resource to user) count relayed payload.
 	BytesUp, BytesDown int64
@@ -238,6 +238,12 @@ type Snapshot struct {
 	// PublicACMEFailures counts failed attempts of the public listener to obtain or renew a
 	// certificate (zero without a public listener).
 	PublicACMEFailures uint64
+	// AuditWritable is false while the audit log cannot be written (access-creating events
+	// are refused meanwhile).
+	AuditWritable bool
+	// AuditWriteFailures counts the audit records that could not be written since start:
+	// the write that failed, and every event refused or lost while the log was unavailable.
+	AuditWriteFailures uint64
 }
 
 // Snapshot reads the counters and the state the metrics endpoint exports. It is cheap (no
@@ -267,5 +273,7 @@ func (g *Gateway) Snapshot() Snapshot {
 		st := g.public.Stats()
 		s.PublicACMEFailures = st.ObtainFailures + st.RenewalFailures
 	}
+	h := g.audit.Health()
+	s.AuditWritable, s.AuditWriteFailures = h.OK, h.Failures
 	return s
 }

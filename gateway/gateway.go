@@ -24,6 +24,31 @@
 //     checks the chain itself, so a refused /renew says why instead of failing with a TLS alert.
 //   - The last known state of every agent survives a restart in <data-dir>/agents.json
 //     (AgentsFileName), and the audit log's head is logged as an anchor (logAuditAnchor).
+//
+// # When the audit log cannot be written
+//
+// Audit is part of access (DESIGN.md, "Failing closed"): the record of every access-creating
+// event is written before the access exists, and the event is refused when it cannot be.
+// While the audit log cannot be written (auditstate.go):
+//
+//   - a token is not minted: token.created is written before the token is returned, and the
+//     admin gets one sentence naming the data directory's disk;
+//   - an enrollment or renewal through the CA API is refused before step-ca signs (a token is
+//     not spent), and a certificate signed just before the log broke is revoked when its
+//     record fails, so none is valid without its record (caaudit.go); ACME finalize likewise;
+//   - a new user stream is refused before the agent is asked to dial, and session.started is
+//     on disk before the user is told OK, so no byte is relayed without it (users.go);
+//   - /readyz reports the "audit" check, and the metrics count the records not written.
+//
+// Sessions and connections already open are not cut: their start is on record. Records of
+// events that cannot be refused (a session ending, a refused handshake) are lost and counted.
+// The audit log reopens itself every second and, once it can write, states what was
+// refused and lost in a log.gap record (gateway/audit's package doc has the trade-offs).
+//
+// At start, the gateway ends in the audit log what its previous run left open if that run
+// stopped without a gateway.stopped record (killed, power lost): session.ended,
+// user.disconnected and agent.disconnected with outcome gateway_crashed, then a
+// gateway.crashed record (endPreviousRun), so every session.started has an end.
 package gateway
 
 import (
@@ -61,6 +86,10 @@ const (
 // set it (to keep them fast on a shared disk); production always syncs.
 var auditNoSyncForTests = false
 
+// auditFileForTests, when set, opens the audit log's file: this package's tests make it
+// fail as a full disk would.
+var auditFileForTests func(name string, flag int, perm os.FileMode) (audit.File, error)
+
 // Limits on what unauthenticated peers can cost.
 const (
 	// maxHandshakes bounds TLS handshakes in progress at once; each is also bounded in time
@@ -88,6 +117,7 @@ type Gateway struct {
 	agentsDirty chan struct{} // the registry changed: save the agents file (saveAgentsLoop)
 	lastAnchor  atomic.Uint64 // the audit seq last logged as an anchor (logAuditAnchor)
 	audit       *audit.Log
+	auditState  auditState      // the audit log's last logged availability (auditstate.go)
 	policy      *policy.Watcher // nil: deny everyone
 	public      *public.Server  // nil: no public listener
 	// publicStorage holds the public listener's certificates when the database is PostgreSQL.
@@ -191,10 +221,12 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 	}
 
 	g.audit, err = audit.OpenWithOptions(filepath.Join(cfg.DataDir, AuditLogName),
-		audit.Options{Now: cfg.Clock.Now, NoSync: auditNoSyncForTests})
+		audit.Options{Now: cfg.Clock.Now, NoSync: auditNoSyncForTests, OpenFile: auditFileForTests,
+			OnStateChange: g.auditStateChanged})
 	if err != nil {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
+	g.endPreviousRun()
 
 	g.authority, err = ca.New(ctx, ca.Config{
 		DataDir:       filepath.Join(cfg.DataDir, caDirName),
@@ -479,10 +511,12 @@ func (g *Gateway) policyReloaded(err error) {
 	g.record(r)
 }
 
-// record writes an audit record; a failure to audit is logged loudly (it is not silently lost).
+// record writes the audit record of an event that has happened or cannot be refused. A
+// record the log cannot take is counted as lost in its next log.gap record, and logged;
+// access-creating events use recordAccess instead (auditstate.go).
 func (g *Gateway) record(r audit.Record) {
 	if err := g.audit.Write(r); err != nil {
-		g.log.Error("audit log write failed", "type", r.Type, "err", err)
+		g.logAuditFailure(r, err)
 	}
 }
 
@@ -641,9 +675,10 @@ func (g *Gateway) onGatewayCertificate(serial string, notAfter time.Time, renewa
 // onACMEIssued counts and audits a DNS-name certificate issued by the public ACME provisioner
 // (for example the public listener's own, with --acme-ca internal).
 func (g *Gateway) onACMEIssued(dnsNames []string, serial string) {
-	g.counters.certs.inc("issued", "server")
-	g.record(audit.Record{Type: audit.TypeCertIssued, Outcome: audit.OutcomeOK, Serial: serial,
-		Extra: map[string]string{"via": "acme", "dns_names": strings.Join(dnsNames, ",")}})
+	if g.recordIssued(audit.Record{Type: audit.TypeCertIssued, Outcome: audit.OutcomeOK, Serial: serial,
+		Extra: map[string]string{"via": "acme", "dns_names": strings.Join(dnsNames, ",")}}, ca.Identity{}) {
+		g.counters.certs.inc("issued", "server")
+	}
 }
 
 // roleLabel is the metrics label of a role: one of a fixed few, so that nothing a peer

@@ -12,7 +12,7 @@ import (
 
 // Check is the result of one readiness check.
 type Check struct {
-	// Name is "ca", "database" or "listener".
+	// Name is "ca", "database", "listener" or "audit".
 	Name string `json:"name"`
 	// OK reports whether the check passed; Error says why not, in one sentence.
 	OK    bool   `json:"ok"`
@@ -41,8 +41,9 @@ type dbHealth struct {
 }
 
 // Ready runs the readiness checks: the CA is loaded and holds a valid gateway certificate,
-// the CA database answers, and the gateway port is accepting connections. The gateway is
-// ready when every check is OK.
+// the CA database answers, the gateway port is accepting connections, and the audit log
+// can be written (while it cannot, the gateway refuses tokens, enrollments, renewals and new
+// sessions: auditstate.go). The gateway is ready when every check is OK.
 //
 // The database check lists the certificates issued to an identity that never holds one:
 // ca/ has no dedicated ping, and this is the one read of the Authority API that always goes
@@ -50,7 +51,7 @@ type dbHealth struct {
 // local file; with PostgreSQL it is one query. It takes at most 2 s, and its result is
 // reused for a second.
 func (g *Gateway) Ready(ctx context.Context) []Check {
-	checks := []Check{{Name: "ca"}, {Name: "database"}, {Name: "listener"}}
+	checks := []Check{{Name: "ca"}, {Name: "database"}, {Name: "listener"}, {Name: "audit"}}
 
 	if c, err := g.authority.GetCertificate(nil); err != nil {
 		checks[0].Error = "the CA has no gateway certificate: " + err.Error()
@@ -73,6 +74,16 @@ func (g *Gateway) Ready(ctx context.Context) []Check {
 		checks[2].Error = "the gateway is shutting down"
 	default:
 		checks[2].OK = true
+	}
+
+	if h := g.audit.Health(); h.OK {
+		checks[3].OK = true
+	} else {
+		checks[3].Error = fmt.Sprintf("the audit log cannot be written since %s (%v): tokens, enrollments, renewals and new sessions are refused until it can; %d refused and %d records lost so far",
+			h.Since.UTC().Format(time.RFC3339), h.Err, h.Refused, h.Lost)
+		if h.Retry != nil {
+			checks[3].Error += fmt.Sprintf("; the last reopen failed: %v", h.Retry)
+		}
 	}
 	return checks
 }

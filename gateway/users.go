@@ -165,6 +165,13 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 		deny(tunnel.StatusRefused, "denied", "", fmt.Sprintf("policy does not allow user %s to reach resource %s", user, h.Resource))
 		return
 	}
+	// No new session while its start cannot be recorded: asked before the agent dials,
+	// so a known-down audit log keeps the resource from being touched at all. Counted by
+	// the audit log as refused, so no session.denied is attempted.
+	if err := g.audit.Admit(audit.TypeSessionStarted); err != nil {
+		g.refuseUnaudited(st, p, h.Resource, id, err)
+		return
+	}
 	g.active.add(1)
 	defer g.active.add(-1)
 	started := g.clock.Now()
@@ -188,18 +195,23 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 		return
 	}
 	defer up.Close()
-	if err := st.Reply(tunnel.StatusOK, ""); err != nil {
-		g.counters.streamInc("error")
-		r := base
-		r.Agent, r.Type, r.Outcome, r.Reason = as.name, audit.TypeSessionDenied, audit.OutcomeError, "reply to the user: "+err.Error()
-		g.record(r)
-		return
-	}
+	// session.started is on disk before the user hears OK, so no byte is relayed without
+	// it; if it cannot be written, the user is told why and the agent's side is closed.
 	r := base
 	r.Agent, r.Type, r.Outcome = as.name, audit.TypeSessionStarted, audit.OutcomeOK
 	r.Extra = map[string]string{"agent_session": as.id, "policy_rule": strconv.Itoa(decision.Rule),
 		"policy_line": strconv.Itoa(decision.Line)}
-	g.record(r)
+	if err := g.recordAccess(r); err != nil {
+		g.refuseUnaudited(st, p, h.Resource, id, err)
+		return
+	}
+	if err := st.Reply(tunnel.StatusOK, ""); err != nil {
+		g.counters.streamInc("error")
+		r := base
+		r.Agent, r.Type, r.Outcome, r.Reason = as.name, audit.TypeSessionEnded, audit.OutcomeError, "reply to the user: "+err.Error()
+		g.record(r)
+		return
+	}
 	g.log.Info("session started", "user", user, "resource", h.Resource, "agent", as.name, "session", id, "remote", p.remote)
 
 	ls := &liveSession{info: SessionInfo{ID: id, User: user, Agent: as.name, Resource: h.Resource, Remote: p.remote, Started: started},
@@ -235,6 +247,15 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 	g.log.Info("session ended", "user", user, "resource", h.Resource, "agent", as.name, "outcome", kind,
 		"reason", reason, "bytes_up", upBytes, "bytes_down", downBytes,
 		"duration", g.clock.Now().Sub(started).Round(time.Millisecond).String(), "session", id)
+}
+
+// refuseUnaudited refuses a stream whose session.started cannot be written, with the
+// sentence `wicket connect` shows. The audit log counts it as refused.
+func (g *Gateway) refuseUnaudited(st *tunnel.Stream, p *peer, resource, id string, err error) {
+	_ = st.Reply(tunnel.StatusUnavailable, sessionRefusal)
+	g.counters.streamInc("audit unavailable")
+	g.log.Warn("session refused: the audit log cannot be written", "user", p.ident.Name, "resource", resource,
+		"session", id, "remote", p.remote, "err", err)
 }
 
 func outcomeOf(s tunnel.Status) string {

@@ -30,10 +30,16 @@ type LastRun struct {
 	// gateway.crashed record does (a later start already found that the run crashed).
 	Stopped, Recorded bool
 	// Open counts the starts after Started (session.started, user.connected,
-	// agent.connected) with no end record; Untracked is how many of them were not
-	// passed to ScanLastRun's fn because more than MaxOpenTracked were open at once.
+	// agent.connected) with no end record; Untracked is how many of them
+	// EachOpen does not return because more than MaxOpenTracked were open at once.
 	Open, Untracked int
+
+	path  string
+	spans []span // the lines of the open starts, in log order
 }
+
+// span is where a line is in the file.
+type span struct{ off, n int64 }
 
 // Crashed reports whether the run ended without a gateway.stopped record (killed, lost
 // power, or its stop could not be recorded) and no later start has recorded it yet.
@@ -47,18 +53,17 @@ var endTypes = map[string]string{
 }
 
 // ScanLastRun reads the newest run of the gateway from the log at path: the records
-// from its last gateway.started on. It calls fn, in log order, with every start
-// record (session.started, user.connected, agent.connected) that no end record with
-// the same type pair and session id follows, so the caller can end them (after a crash
-// the run could not). fn may append to the log: ScanLastRun has finished reading the
-// run by then.
+// from its last gateway.started on. It notes every start record (session.started,
+// user.connected, agent.connected) that no end record with the same session id
+// follows, for [LastRun.EachOpen], so the caller can end them (after a crash the run
+// could not).
 //
 // It finds the run by reading the file backwards from the end and then reads only the
 // run, forward: memory is bounded by MaxOpenTracked small entries and one record, not
 // by the size of the log or of the run. Lines that are not records (a sealed torn line)
 // are skipped; checking the chain is [Verify]'s job.
-func ScanLastRun(path string, fn func(start Record) error) (LastRun, error) {
-	var run LastRun
+func ScanLastRun(path string) (LastRun, error) {
+	run := LastRun{path: path}
 	f, err := os.Open(path)
 	if err != nil {
 		return run, fmt.Errorf("read audit log: %w", err)
@@ -72,7 +77,6 @@ func ScanLastRun(path string, fn func(start Record) error) (LastRun, error) {
 	if err != nil || run.Started.Seq == 0 {
 		return run, err
 	}
-	type span struct{ off, n int64 }
 	open := map[string]span{}
 	in := bufio.NewReaderSize(io.NewSectionReader(f, from, fi.Size()-from), MaxRecordSize+1)
 	for off := from; ; {
@@ -128,27 +132,41 @@ func ScanLastRun(path string, fn func(start Record) error) (LastRun, error) {
 		}
 		open[typ+" "+rec.SessionID] = span{at, n}
 	}
-	spans := make([]span, 0, len(open))
+	run.spans = make([]span, 0, len(open))
 	for _, s := range open {
-		spans = append(spans, s)
+		run.spans = append(run.spans, s)
 	}
-	slices.SortFunc(spans, func(a, b span) int { return cmp.Compare(a.off, b.off) })
-	run.Open = len(spans) + run.Untracked
+	slices.SortFunc(run.spans, func(a, b span) int { return cmp.Compare(a.off, b.off) })
+	run.Open = len(run.spans) + run.Untracked
+	return run, nil
+}
+
+// EachOpen calls fn, in log order, with the whole record of every start that
+// ScanLastRun found without an end (at most MaxOpenTracked). fn may append to the log.
+func (r LastRun) EachOpen(fn func(start Record) error) error {
+	if len(r.spans) == 0 {
+		return nil
+	}
+	f, err := os.Open(r.path)
+	if err != nil {
+		return fmt.Errorf("read audit log: %w", err)
+	}
+	defer f.Close()
 	buf := make([]byte, MaxRecordSize)
-	for _, s := range spans {
+	for _, s := range r.spans {
 		line := buf[:s.n]
 		if _, err := f.ReadAt(line, s.off); err != nil {
-			return run, fmt.Errorf("read audit log %s: %w", path, err)
+			return fmt.Errorf("read audit log %s: %w", r.path, err)
 		}
 		var rec Record
 		if err := json.Unmarshal(line, &rec); err != nil {
-			return run, fmt.Errorf("read audit log %s at byte %d: %w", path, s.off, err)
+			return fmt.Errorf("read audit log %s at byte %d: %w", r.path, s.off, err)
 		}
 		if err := fn(rec); err != nil {
-			return run, err
+			return err
 		}
 	}
-	return run, nil
+	return nil
 }
 
 // findLastRun reads the file backwards in blocks until it meets a gateway.started record,

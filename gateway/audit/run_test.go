@@ -35,12 +35,15 @@ func rec(typ, sid string) Record { return Record{Type: typ, SessionID: sid, User
 func scanned(t *testing.T, path string) (LastRun, []string) {
 	t.Helper()
 	var open []string
-	run, err := ScanLastRun(path, func(r Record) error {
-		open = append(open, r.Type+" "+r.SessionID)
-		return nil
-	})
+	run, err := ScanLastRun(path)
 	if err != nil {
 		t.Fatalf("ScanLastRun: %v", err)
+	}
+	if err := run.EachOpen(func(r Record) error {
+		open = append(open, r.Type+" "+r.SessionID)
+		return nil
+	}); err != nil {
+		t.Fatalf("EachOpen: %v", err)
 	}
 	return run, open
 }
@@ -72,7 +75,7 @@ func TestScanLastRunFindsWhatTheCrashLeftOpen(t *testing.T) {
 		t.Fatalf("run = %+v", run)
 	}
 	var full Record
-	_, err := ScanLastRun(path, func(r Record) error {
+	err := run.EachOpen(func(r Record) error {
 		if r.SessionID == "s4" {
 			full = r
 		}
@@ -163,12 +166,16 @@ func TestScanLastRunBoundsMemory(t *testing.T) {
 	}
 }
 
-func TestScanLastRunStopsOnCallbackError(t *testing.T) {
+func TestEachOpenStopsOnCallbackError(t *testing.T) {
 	path := craftLog(t, rec(TypeGatewayStarted, ""), rec(TypeSessionStarted, "s1"), rec(TypeSessionStarted, "s2"))
 	boom := errors.New("boom")
 	calls := 0
-	if _, err := ScanLastRun(path, func(Record) error { calls++; return boom }); !errors.Is(err, boom) || calls != 1 {
-		t.Fatalf("ScanLastRun = %v after %d calls, want boom after 1", err, calls)
+	run, err := ScanLastRun(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := run.EachOpen(func(Record) error { calls++; return boom }); !errors.Is(err, boom) || calls != 1 {
+		t.Fatalf("EachOpen = %v after %d calls, want boom after 1", err, calls)
 	}
 }
 

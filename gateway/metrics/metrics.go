@@ -45,6 +45,8 @@ const (
 	AgentSessionsTotal      = "wicket_agent_sessions_total"
 	UserConnectionsTotal    = "wicket_user_connections_total"
 	SessionsClosedTotal     = "wicket_sessions_closed_total"
+	AuditWriteFailuresTotal = "wicket_audit_write_failures_total"
+	AuditWritable           = "wicket_audit_writable"
 )
 
 // collector turns a gateway Snapshot into metrics at each scrape.
@@ -54,6 +56,7 @@ type collector struct {
 	agentsConnected, sessionsActive, sessionsTotal, streamBytes, streamOpen *prometheus.Desc
 	handshakes, handshakesRefused, certificates, gatewayExpiry, agentExpiry *prometheus.Desc
 	acmeFailures, agentSessions, userConnections, sessionsClosed            *prometheus.Desc
+	auditFailures, auditWritable                                            *prometheus.Desc
 }
 
 // NewCollector returns a prometheus.Collector exporting src's Snapshot.
@@ -66,7 +69,7 @@ func NewCollector(src Source) prometheus.Collector {
 		agentsConnected: d(AgentsConnected, "Agent names with at least one live session."),
 		sessionsActive:  d(SessionsActive, "User streams being relayed to a resource now."),
 		sessionsTotal: d(SessionsTotal, "User streams ended or refused, by outcome (ok, denied, unavailable, "+
-			"unknown_resource, dial_failed, refused, closed, error, too_many_streams).", "outcome"),
+			"unknown_resource, dial_failed, refused, closed, error, too_many_streams, audit_unavailable).", "outcome"),
 		streamBytes: d(StreamBytesTotal, "Payload bytes relayed, by resource (at most 256 names, then \"other\") and "+
 			"direction (up: user to resource, down: resource to user). Counted as they flow.", "resource", "direction"),
 		streamOpen: d(StreamOpenSeconds, "Time to open a stream to an agent, until the agent's OK reply "+
@@ -87,13 +90,18 @@ func NewCollector(src Source) prometheus.Collector {
 		userConnections: d(UserConnectionsTotal, "User connections accepted (each may carry many streams)."),
 		sessionsClosed: d(SessionsClosedTotal, "Live agent or user connections the gateway closed because "+
 			"their certificate was revoked or expired.", "reason"),
+		auditFailures: d(AuditWriteFailuresTotal, "Audit records that could not be written: the write or fsync "+
+			"that failed, and every event refused (tokens, enrollments, renewals, new sessions) or lost while "+
+			"the audit log was unavailable."),
+		auditWritable: d(AuditWritable, "1 while the audit log can be written, 0 while it cannot (access-creating "+
+			"events are refused meanwhile, and /readyz reports the audit check)."),
 	}
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.agentsConnected, c.sessionsActive, c.sessionsTotal, c.streamBytes,
 		c.streamOpen, c.handshakes, c.handshakesRefused, c.certificates, c.gatewayExpiry, c.agentExpiry,
-		c.acmeFailures, c.agentSessions, c.userConnections, c.sessionsClosed} {
+		c.acmeFailures, c.agentSessions, c.userConnections, c.sessionsClosed, c.auditFailures, c.auditWritable} {
 		ch <- d
 	}
 }
@@ -146,6 +154,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.userConnections, float64(s.UserSessions))
 	counter(c.sessionsClosed, float64(s.SessionsClosedRevoked), "revoked")
 	counter(c.sessionsClosed, float64(s.SessionsClosedExpired), "expired")
+	counter(c.auditFailures, float64(s.AuditWriteFailures))
+	writable := 0.0
+	if s.AuditWritable {
+		writable = 1
+	}
+	gauge(c.auditWritable, writable)
 }
 
 // labelValue turns the gateway's reason texts ("unknown resource") into label values in

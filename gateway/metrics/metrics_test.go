@@ -43,6 +43,7 @@ func TestCollectorExportsSnapshot(t *testing.T) {
 		Certificates:       map[gateway.CertCount]int64{{Kind: "issued", Role: "agent"}: 4},
 		GatewayCertExpires: now.Add(time.Hour),
 		AgentCerts:         []gateway.AgentExpiry{{Agent: "db1", Expires: now.Add(10 * time.Minute)}},
+		AuditWriteFailures: 5,
 	}}
 	reg := NewRegistry(src)
 	for name, want := range map[string]float64{
@@ -53,6 +54,8 @@ func TestCollectorExportsSnapshot(t *testing.T) {
 		`wicket_certificates_total{kind="issued",role="agent"}`:             4,
 		`wicket_agents_connected`:                                           1,
 		`wicket_sessions_active`:                                            2,
+		`wicket_audit_write_failures_total`:                                 5,
+		`wicket_audit_writable`:                                             0,
 	} {
 		got, ok := scrapeValue(t, reg, name)
 		if !ok || got != want {
