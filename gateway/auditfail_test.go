@@ -128,7 +128,7 @@ func TestAuditOutageFailsClosed(t *testing.T) {
 	var ae *AdminError
 	if !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable || tok != "" ||
 		ae.Message != "the audit log cannot be written (is the disk of "+tg.dir+" full?): no token was minted; retry when it is writable" {
-		t.Fatalf("token create with the audit log down = %q, %v", tok, err)
+		t.Fatalf("token create with the audit log down returned a token: %v; error %v", tok != "", err)
 	}
 	if c := auditCheck(tg); c.OK || !strings.Contains(c.Error, "no space left on device") || !strings.Contains(c.Error, "new sessions are refused") {
 		t.Fatalf("audit check during the outage: %+v", c)
