@@ -89,7 +89,7 @@ func openDB(dataDir, dsn string) (*authDB, error) {
 	// and its tables.
 	adb, err := stepdb.New(&stepdb.Config{Type: nosql.PostgreSQLDriver, DataSource: dsn})
 	if err != nil {
-		return nil, fmt.Errorf("open CA database %s: %w", redactDSN(dsn), err)
+		return nil, fmt.Errorf("cannot reach the CA database %s (%w): check --db and that the database server is running and reachable", redactDSN(dsn), err)
 	}
 	inner := adb.(*stepdb.DB)
 	pcfg, err := pgx.ParseConfig(dsn)

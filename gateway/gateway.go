@@ -162,12 +162,14 @@ type Gateway struct {
 // New prepares a gateway: it creates the data directory (0700) on first start, binds the TLS
 // port and the admin socket, loads or creates the CA, opens the audit log and the policy. It
 // serves nothing until Run. Call Close if Run is never called.
-func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
+func New(ctx context.Context, cfg Config) (_ *Gateway, err error) {
 	cfg, err = cfg.withDefaults()
 	if err != nil {
 		return nil, err
 	}
-	g = &Gateway{
+	// g is not the named result: a failing return sets that to nil before the deferred
+	// release runs, which must still see what was acquired.
+	g := &Gateway{
 		cfg:            cfg,
 		log:            cfg.Logger,
 		clock:          cfg.Clock,
@@ -188,18 +190,30 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		}
 	}()
 
+	// What does not touch the data directory comes first, so that a start refused for a bad
+	// address or policy leaves the data directory as it was (not even created).
+	if err := checkListen(cfg.Listen); err != nil {
+		return nil, err
+	}
+	if cfg.PolicyFile != "" {
+		// Checked here, watched below once the audit log can record its reloads.
+		if _, err := policy.Load(cfg.PolicyFile); err != nil {
+			return nil, policyStartError(cfg.PolicyFile, err)
+		}
+	}
+	g.ln, err = net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, listenStartError(cfg.Listen, err)
+	}
+
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("create data directory %s: %w", cfg.DataDir, err)
+		return nil, dataDirStartError(cfg.DataDir, err)
 	}
 	if fi, err := os.Stat(cfg.DataDir); err == nil && fi.Mode().Perm()&0o077 != 0 {
 		g.log.Warn("data directory is readable by others; it holds the CA keys and the audit log, consider chmod 700",
 			"dir", cfg.DataDir, "mode", fi.Mode().Perm().String())
 	}
 
-	g.ln, err = net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
-	}
 	g.publicAddr, err = publicAddress(cfg.PublicAddr, g.ln.Addr())
 	if err != nil {
 		return nil, err
@@ -224,7 +238,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		audit.Options{Now: cfg.Clock.Now, NoSync: auditNoSyncForTests, OpenFile: auditFileForTests,
 			OnStateChange: g.auditStateChanged})
 	if err != nil {
-		return nil, fmt.Errorf("open audit log: %w", err)
+		return nil, auditStartError(cfg.DataDir, err)
 	}
 	g.endPreviousRun()
 
@@ -263,7 +277,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 			OnReload: g.policyReloaded,
 		})
 		if err != nil {
-			return nil, fmt.Errorf("load policy %s: %w", cfg.PolicyFile, err)
+			return nil, policyStartError(cfg.PolicyFile, err)
 		}
 	} else {
 		g.log.Warn("no policy file (--policy): every user is denied every resource (default deny)")

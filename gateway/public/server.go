@@ -82,7 +82,7 @@ type Server struct {
 // New validates cfg, creates the certificate storage directory (0700), binds the listeners and
 // prepares certificate management. Nothing is served and no certificate is requested until
 // Serve. Call Close if Serve is never called.
-func New(cfg Config) (s *Server, err error) {
+func New(cfg Config) (_ *Server, err error) {
 	cfg, err = cfg.withDefaults()
 	if err != nil {
 		return nil, err
@@ -97,7 +97,9 @@ func New(cfg Config) (s *Server, err error) {
 		}
 		storage = &certmagic.FileStorage{Path: cfg.StorageDir}
 	}
-	s = &Server{cfg: cfg, log: cfg.Logger, closed: make(chan struct{})}
+	// s is not the named result: a failing return sets that to nil before the deferred
+	// release runs, which must still see what was acquired.
+	s := &Server{cfg: cfg, log: cfg.Logger, closed: make(chan struct{})}
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
