@@ -285,14 +285,23 @@ func TestHandshakeRefusals(t *testing.T) {
 		return err
 	}
 	// TLS 1.2 only.
+	// The refusals send the alert that names them (issue 10, item 11), not internal_error.
 	if err := handshake(&tls.Config{RootCAs: pool, ServerName: host, MaxVersion: tls.VersionTLS12, NextProtos: []string{"h2"}}); err == nil {
 		t.Error("TLS 1.2 handshake accepted")
+	} else if !strings.Contains(err.Error(), "protocol version") {
+		t.Errorf("TLS 1.2 handshake: %v, want the alert protocol_version", err)
+	}
+	if err := handshake(&tls.Config{RootCAs: pool, ServerName: host, MaxVersion: tls.VersionTLS12, NextProtos: []string{"smtp"}}); err == nil ||
+		!strings.Contains(err.Error(), "protocol version") {
+		t.Errorf("TLS 1.2 handshake with an unknown ALPN: %v, want the alert protocol_version", err)
 	}
 	// No client certificate on the agent ALPN.
 	_ = handshake(&tls.Config{RootCAs: pool, ServerName: host, NextProtos: []string{tunnel.ALPNAgent}})
 	// An ALPN nobody serves.
 	if err := handshake(&tls.Config{RootCAs: pool, ServerName: host, NextProtos: []string{"smtp"}}); err == nil {
 		t.Error("unknown ALPN accepted")
+	} else if !strings.Contains(err.Error(), "no application protocol") {
+		t.Errorf("unknown ALPN: %v, want the alert no_application_protocol", err)
 	}
 	// A peer that connects and says nothing.
 	c, err := net.Dial("tcp", tg.Addr().String())

@@ -130,11 +130,22 @@ func (g *Gateway) newServerTLS() *tls.Config {
 		return nil
 	}
 
+	// refuse makes crypto/tls itself refuse a hello, which sends the alert naming why (an
+	// error returned by GetConfigForClient would send internal_error): a client without TLS
+	// 1.3 gets protocol_version, one whose ALPNs are not ours no_application_protocol (its
+	// only protocol is the agent's, which such a client did not offer, or it would not be
+	// here). classifyHandshake names the refusal from crypto/tls's error.
+	refuse := &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+		return nil, errors.New("refused before the certificate")
+	}}
+	tunnel.HardenServerTLS(refuse)
+	refuse.NextProtos = []string{tunnel.ALPNAgent}
+
 	base := &tls.Config{}
 	tunnel.HardenServerTLS(base)
 	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 		if !slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
-			return nil, &refusal{refusedVersion, errors.New("TLS 1.3 is required")}
+			return refuse, nil
 		}
 		protos := hello.SupportedProtos
 		switch {
@@ -147,7 +158,7 @@ func (g *Gateway) newServerTLS() *tls.Config {
 		case len(protos) == 0 || slices.Contains(protos, alpnH2) || slices.Contains(protos, alpnHTTP1):
 			return api, nil
 		}
-		return nil, &refusal{refusedBadALPN, fmt.Errorf("unsupported ALPN %q", protos)}
+		return refuse, nil
 	}
 	return base
 }
