@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"github.com/wicketgw/wicket/ca"
@@ -25,8 +26,16 @@ type unreachableError struct {
 	err           error
 }
 
-func (e *unreachableError) Error() string {
-	return fmt.Sprintf("cannot reach the gateway at %s: is `wicket gateway --data-dir %s` running?", e.sock, e.dataDir)
+func (e *unreachableError) Error() string { return unreachableSentence(e.sock, e.dataDir, e.err) }
+
+// unreachableSentence says why the admin socket sock could not be dialed and what to do: a
+// permission error means the gateway may well be running, under another user (the socket is
+// 0600 in a 0700 directory); anything else, that it is probably not running.
+func unreachableSentence(sock, dataDir string, err error) string {
+	if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
+		return fmt.Sprintf("permission denied on %s: run as the gateway's user (the admin socket is readable by that user only)", sock)
+	}
+	return fmt.Sprintf("cannot reach the gateway at %s: is `wicket gateway --data-dir %s` running?", sock, dataDir)
 }
 
 func (e *unreachableError) Is(target error) bool { return target == ErrGatewayUnreachable }
