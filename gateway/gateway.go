@@ -92,9 +92,6 @@ var auditFileForTests func(name string, flag int, perm os.FileMode) (audit.File,
 
 // Limits on what unauthenticated peers can cost.
 const (
-	// maxHandshakes bounds TLS handshakes in progress at once; each is also bounded in time
-	// by HandshakeTimeout.
-	maxHandshakes = 1024
 	// refusedAuditRate and refusedAuditBurst bound the audit records (and log lines) of
 	// refused handshakes: a burst of 100, then 10 per second. Every refusal is counted.
 	refusedAuditRate  = 10
@@ -140,8 +137,8 @@ type Gateway struct {
 	bgCancel context.CancelFunc
 	wg       sync.WaitGroup // every goroutine the gateway starts
 	draining atomic.Bool
-	// handshakeSlots bounds concurrent TLS handshakes (maxHandshakes).
-	handshakeSlots chan struct{}
+	// handshakes bounds concurrent TLS handshakes, in all and per source (handshakes.go).
+	handshakes *handshakeLimiter
 	// refusedLimit rate-limits the log lines and audit records of refused handshakes.
 	refusedLimit *rateLimit
 	// caRefusedLimit does the same for refused CA requests (sign, renew).
@@ -178,7 +175,7 @@ func New(ctx context.Context, cfg Config) (_ *Gateway, err error) {
 		peers:          newPeerIndex(),
 		sessions:       newSessionTable(),
 		knownSerials:   map[string]knownSerial{},
-		handshakeSlots: make(chan struct{}, maxHandshakes),
+		handshakes:     newHandshakeLimiter(maxHandshakes, maxHandshakesPerSource),
 		refusedLimit:   newRateLimit(refusedAuditRate, refusedAuditBurst),
 		caRefusedLimit: newRateLimit(refusedAuditRate, refusedAuditBurst),
 		revokeAudited:  map[string]time.Time{},

@@ -38,6 +38,7 @@ const (
 	refusedBadCert     = "invalid certificate"
 	refusedOther       = "handshake failed"
 	refusedShuttingDwn = "gateway shutting down"
+	refusedBusy        = "too many handshakes from one address"
 )
 
 // RefusalReasons lists every reason a handshake can be refused for, as counted in
@@ -45,7 +46,7 @@ const (
 // rate() over it sees the first one.
 func RefusalReasons() []string {
 	return []string{refusedVersion, refusedUnknownCA, refusedExpired, refusedRevoked, refusedWrongRole,
-		refusedNoCert, refusedBadALPN, refusedTimeout, refusedNotTLS, refusedBadCert, refusedOther, refusedShuttingDwn}
+		refusedNoCert, refusedBadALPN, refusedTimeout, refusedNotTLS, refusedBadCert, refusedOther, refusedShuttingDwn, refusedBusy}
 }
 
 // acceptLoop accepts TCP connections until the listener closes.
@@ -72,15 +73,16 @@ func (g *Gateway) acceptLoop() {
 			continue
 		}
 		delay = 0
-		// Bound the handshakes in progress: beyond the limit, new connections wait in the
-		// kernel's backlog instead of each costing a goroutine and a TLS state.
-		select {
-		case g.handshakeSlots <- struct{}{}:
-		case <-g.bgCtx.Done():
+		// Bound the handshakes in progress, per source and in all (handshakes.go): a source
+		// over its share is refused at once, and a full table makes room at the expense of
+		// the source holding the most, never of the new arrival.
+		slot := g.handshakes.admit(raw)
+		if slot == nil {
 			_ = raw.Close()
-			return
+			g.refused(raw.RemoteAddr().String(), refusedBusy, errors.New("too many handshakes in progress from this address"))
+			continue
 		}
-		g.goFunc(func() { g.handleConn(raw) })
+		g.goFunc(func() { g.handleConn(raw, slot) })
 	}
 }
 
@@ -261,14 +263,16 @@ func classifyHandshake(err error, ctxErr error) string {
 }
 
 // handleConn runs the handshake of one connection and hands it to its ALPN's handler.
-func (g *Gateway) handleConn(raw net.Conn) {
+func (g *Gateway) handleConn(raw net.Conn, slot *pendingHandshake) {
 	remote := raw.RemoteAddr().String()
-	conn := tls.Server(raw, g.serverTLS)
+	_ = raw.SetReadDeadline(time.Now().Add(min(firstBytesTimeout, g.cfg.HandshakeTimeout)))
+	conn := tls.Server(&firstBytesConn{Conn: raw}, g.serverTLS)
 	ctx, cancel := context.WithTimeout(g.bgCtx, g.cfg.HandshakeTimeout)
 	err := conn.HandshakeContext(ctx)
 	ctxErr := ctx.Err()
 	cancel()
-	<-g.handshakeSlots
+	g.handshakes.release(slot)
+	_ = raw.SetReadDeadline(time.Time{})
 	if err != nil {
 		_ = conn.Close()
 		if errors.Is(err, context.Canceled) && g.bgCtx.Err() != nil {
