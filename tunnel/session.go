@@ -160,7 +160,21 @@ type Session struct {
 	kaTimer   *time.Timer
 	kaStopped bool
 	kaWG      sync.WaitGroup
+
+	// The peer's streams are accepted by one goroutine, started by the first AcceptStream,
+	// and each header is read by a goroutine of its own (acceptLoop), so that a stream whose
+	// header is late does not hold up the next one.
+	acceptOnce  sync.Once
+	accepted    chan *Stream  // streams whose header was read, for AcceptStream
+	acceptDone  chan struct{} // closed when acceptLoop ends (the session is closed)
+	acceptErr   error         // why acceptLoop ended; set before acceptDone is closed
+	headerSlots chan struct{} // bounds the headers being read or waiting for AcceptStream
+	acceptWG    sync.WaitGroup
 }
+
+// maxPendingHeaders bounds, per session, the accepted streams whose header is being read or
+// that wait for AcceptStream; beyond it the peer's new streams wait in yamux's backlog.
+const maxPendingHeaders = 64
 
 func newSession(conn *tls.Conn, cfg Config, client bool) (*Session, error) {
 	s := &Session{
@@ -168,6 +182,10 @@ func newSession(conn *tls.Conn, cfg Config, client bool) (*Session, error) {
 		cfg:    cfg,
 		log:    cfg.logger().With("remote", conn.RemoteAddr().String()),
 		client: client,
+
+		accepted:    make(chan *Stream),
+		acceptDone:  make(chan struct{}),
+		headerSlots: make(chan struct{}, maxPendingHeaders),
 	}
 	wc := newFrameConn(conn, cfg.ConnectionWriteTimeout, s.writeTimedOut)
 	var err error
@@ -253,6 +271,7 @@ func (s *Session) Err() error {
 func (s *Session) Close() error {
 	err := s.shutdown()
 	s.kaWG.Wait()
+	s.acceptWG.Wait()
 	return err
 }
 
@@ -368,41 +387,78 @@ func (s *Session) OpenStream(ctx context.Context, h Header) (*Stream, error) {
 	return st, nil
 }
 
-// AcceptStream waits for the peer to open a stream and reads its header
-// (bounded by Config.HandshakeTimeout). The caller must answer with
-// st.Reply before writing payload. A stream whose header is malformed,
-// oversized, truncated, late or of an unknown version is answered with
-// StatusRefused and a reason, closed, counted in RejectedStreams and logged;
-// AcceptStream then waits for the next one, so one bad stream never ends the
-// caller's accept loop. It returns an error only when ctx ends or the session
-// closes (errors.Is(err, ErrSessionClosed)).
+// AcceptStream waits for the peer to open a stream and returns it once its header is read
+// (bounded by Config.HandshakeTimeout). The caller must answer with st.Reply before writing
+// payload. A stream whose header is malformed, oversized, truncated, late or of an unknown
+// version is answered with StatusRefused and a reason, closed, counted in RejectedStreams and
+// logged; it is never returned, so one bad stream never ends the caller's accept loop.
+// AcceptStream returns an error only when ctx ends or the session closes
+// (errors.Is(err, ErrSessionClosed)).
 //
-// Headers are read one stream at a time: a peer that opens a stream and then
-// stalls delays its own next streams by at most HandshakeTimeout, and nobody
-// else's.
+// Headers are read concurrently, one goroutine per stream (at most maxPendingHeaders at
+// once): a stream whose header never arrives does not hold up the next stream on the
+// session. Streams are returned in the order their headers complete.
 func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
+	s.acceptOnce.Do(func() {
+		s.acceptWG.Add(1)
+		go func() {
+			defer s.acceptWG.Done()
+			s.acceptLoop()
+		}()
+	})
+	select {
+	case st := <-s.accepted:
+		return st, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-s.acceptDone:
+		return nil, s.acceptErr
+	}
+}
+
+// acceptLoop accepts the peer's streams until the session closes and reads each header in a
+// goroutine of its own (readStreamHeader).
+func (s *Session) acceptLoop() {
+	defer close(s.acceptDone)
 	for {
-		ys, err := s.ys.AcceptStreamWithContext(ctx)
+		ys, err := s.ys.AcceptStream()
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
-			}
-			return nil, fmt.Errorf("accept stream: %w", mapErr(err))
+			s.acceptErr = fmt.Errorf("accept stream: %w", mapErr(err))
+			return
 		}
-		ys.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-		stop := context.AfterFunc(ctx, func() { ys.SetReadDeadline(time.Unix(1, 0)) })
-		h, err := readHeader(ys, s.cfg.MaxHeaderSize)
-		stop()
-		if err != nil {
-			if ctx.Err() != nil {
-				ys.Close()
-				return nil, ctx.Err()
-			}
-			s.reject(ys, err)
-			continue
+		select {
+		case s.headerSlots <- struct{}{}:
+		case <-s.ys.CloseChan():
+			ys.Close()
+			continue // AcceptStream now fails with the session's error
 		}
-		ys.SetReadDeadline(time.Time{})
-		return newStream(s, ys, h, true), nil
+		s.acceptWG.Add(1)
+		go func() {
+			defer s.acceptWG.Done()
+			defer func() { <-s.headerSlots }()
+			s.readStreamHeader(ys)
+		}()
+	}
+}
+
+// readStreamHeader reads the header of ys and hands the stream to AcceptStream, or refuses it.
+func (s *Session) readStreamHeader(ys *yamux.Stream) {
+	ys.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	h, err := readHeader(ys, s.cfg.MaxHeaderSize)
+	if err != nil {
+		if s.ys.IsClosed() {
+			ys.Close()
+			return
+		}
+		s.reject(ys, err)
+		return
+	}
+	ys.SetReadDeadline(time.Time{})
+	st := newStream(s, ys, h, true)
+	select {
+	case s.accepted <- st:
+	case <-s.ys.CloseChan():
+		st.Close()
 	}
 }
 
@@ -416,8 +472,12 @@ func (s *Session) reject(ys *yamux.Stream, err error) {
 	err = mapErr(err)
 	s.log.Warn("refused tunnel stream", "stream", ys.StreamID(), "err", err)
 	ys.SetWriteDeadline(time.Now().Add(s.cfg.ConnectionWriteTimeout))
-	if _, werr := ys.Write(appendReply(nil, StatusRefused, err.Error())); werr != nil {
-		s.writeFailed(werr)
+	if _, werr := ys.Write(appendReply(nil, StatusRefused, err.Error())); werr != nil &&
+		errors.Is(werr, yamux.ErrConnectionWriteTimeout) {
+		// As writeFailed, without waiting for the session's goroutines: this is one of them.
+		s.log.Warn("tunnel connection write timed out; closing the session", "timeout", s.cfg.ConnectionWriteTimeout)
+		s.setErr(ErrWriteTimeout)
+		_ = s.shutdown()
 	}
 	ys.Close()
 }
