@@ -17,7 +17,8 @@
 //     one (no stream lost in a renewal).
 //   - A later Hello (the agent's resources changed) comes on a new control stream rather than
 //     on the first one, so the gateway serves everything an agent opens from one loop and an
-//     idle agent session costs one gateway goroutine (serveAgent, agentLoop; tunnel/PROTOCOL.md).
+//     idle agent session costs two gateway goroutines: that loop (serveAgent, agentLoop) and
+//     the session's stream acceptor (tunnel.Session.AcceptStream; tunnel/PROTOCOL.md).
 //   - Agents and users present their leaf certificate only; the gateway, being the CA, verifies
 //     against its own intermediate (ca.Authority.VerifyPeer).
 //   - The CA API's port requests a client certificate without requiring it, and the gateway
@@ -44,6 +45,24 @@
 // events that cannot be refused (a session ending, a refused handshake) are lost and counted.
 // The audit log reopens itself every second and, once it can write, states what was
 // refused and lost in a log.gap record (gateway/audit's package doc has the trade-offs).
+//
+// # Handshake limits
+//
+// What an unauthenticated peer can hold on the port is bounded (handshakes.go):
+//
+//   - the first bytes of a ClientHello must arrive within 2 s of the connection
+//     (firstBytesTimeout), the whole handshake within Config.HandshakeTimeout (10 s);
+//   - at most 64 handshakes are in progress per source IP address (maxHandshakesPerSource):
+//     a connection beyond that is closed at once and counted as refused ("too many
+//     handshakes from one address");
+//   - at most 1,024 are in progress in all (maxHandshakes); when that is full, a new
+//     connection is still taken and the oldest handshake of the source with the most in
+//     progress is closed to make room, so silent connections from a few sources cannot
+//     keep agents, users and renewals from others out.
+//
+// On an established session, each stream's header is read in a goroutine of its own
+// (bounded by the handshake timeout, at most 64 pending per session), so a stream whose
+// header never arrives does not hold up the next stream on that session.
 //
 // At start, the gateway ends in the audit log what its previous run left open if that run
 // stopped without a gateway.stopped record (killed, power lost): session.ended,
