@@ -164,7 +164,9 @@ type Session struct {
 	// The peer's streams are accepted by one goroutine, started by the first AcceptStream,
 	// and each header is read by a goroutine of its own (acceptLoop), so that a stream whose
 	// header is late does not hold up the next one.
-	acceptOnce  sync.Once
+	acceptMu      sync.Mutex // orders the start of acceptLoop against Close's wait
+	acceptStarted bool
+	acceptClosing bool
 	accepted    chan *Stream  // streams whose header was read, for AcceptStream
 	acceptDone  chan struct{} // closed when acceptLoop ends (the session is closed)
 	acceptErr   error         // why acceptLoop ended; set before acceptDone is closed
@@ -271,6 +273,9 @@ func (s *Session) Err() error {
 func (s *Session) Close() error {
 	err := s.shutdown()
 	s.kaWG.Wait()
+	s.acceptMu.Lock()
+	s.acceptClosing = true
+	s.acceptMu.Unlock()
 	s.acceptWG.Wait()
 	return err
 }
@@ -399,13 +404,20 @@ func (s *Session) OpenStream(ctx context.Context, h Header) (*Stream, error) {
 // once): a stream whose header never arrives does not hold up the next stream on the
 // session. Streams are returned in the order their headers complete.
 func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
-	s.acceptOnce.Do(func() {
+	s.acceptMu.Lock()
+	if !s.acceptStarted && !s.acceptClosing {
+		s.acceptStarted = true
 		s.acceptWG.Add(1)
 		go func() {
 			defer s.acceptWG.Done()
 			s.acceptLoop()
 		}()
-	})
+	}
+	started := s.acceptStarted
+	s.acceptMu.Unlock()
+	if !started {
+		return nil, fmt.Errorf("accept stream: %w", ErrSessionClosed)
+	}
 	select {
 	case st := <-s.accepted:
 		return st, nil
