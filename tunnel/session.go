@@ -167,11 +167,11 @@ type Session struct {
 	acceptMu      sync.Mutex // orders the start of acceptLoop against Close's wait
 	acceptStarted bool
 	acceptClosing bool
-	accepted    chan *Stream  // streams whose header was read, for AcceptStream
-	acceptDone  chan struct{} // closed when acceptLoop ends (the session is closed)
-	acceptErr   error         // why acceptLoop ended; set before acceptDone is closed
-	headerSlots chan struct{} // bounds the headers being read or waiting for AcceptStream
-	acceptWG    sync.WaitGroup
+	accepted      chan *Stream  // streams whose header was read, for AcceptStream
+	acceptDone    chan struct{} // closed when acceptLoop ends (the session is closed)
+	acceptErr     error         // why acceptLoop ended; set before acceptDone is closed
+	headerSlots   chan struct{} // bounds the headers being read or waiting for AcceptStream
+	acceptWG      sync.WaitGroup
 }
 
 // maxPendingHeaders bounds, per session, the accepted streams whose header is being read or
