@@ -412,6 +412,15 @@ func (a *agent) announceResources(ctx context.Context, s *session) {
 	ctl, err := s.sess.OpenControl(ctx)
 	if err == nil {
 		err = ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: names})
+		if err == nil {
+			// The gateway answers with the resources it refuses; an older one closes instead.
+			stop := context.AfterFunc(ctx, func() { ctl.Stream().SetReadDeadline(time.Unix(1, 0)) })
+			var ack tunnel.Hello
+			if ctl.Recv(&ack) == nil {
+				logRefused(a.log.With("session", s.gatewaySession), ack.Refused)
+			}
+			stop()
+		}
 		ctl.Close()
 	}
 	if err != nil {

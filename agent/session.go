@@ -89,6 +89,7 @@ func (a *agent) dialSession(ctx context.Context) (*session, error) {
 	sctx, scancel := context.WithCancel(context.WithoutCancel(ctx))
 	s := &session{sess: ts, ctl: ctl, leaf: leaf, gatewaySession: ack.Instance, cancel: scancel}
 	log := a.log.With("session", s.gatewaySession)
+	logRefused(log, ack.Refused)
 	a.cfg.Stats.Connects.Add(1)
 	a.cfg.Stats.SessionsUp.Add(1)
 	s.wg.Add(3)
@@ -115,6 +116,14 @@ func (a *agent) dialSession(ctx context.Context) (*session, error) {
 		}
 	}()
 	return s, nil
+}
+
+// logRefused logs, one line each, the resources the gateway refused to route to this agent
+// (not granted to its name); the gateway's sentence names the command that allows them.
+func logRefused(log *slog.Logger, refused []tunnel.Refusal) {
+	for _, r := range refused {
+		log.Warn(r.Reason, "resource", r.Resource)
+	}
 }
 
 // hello opens the control stream, sends the agent's hello and waits for the

@@ -130,6 +130,10 @@ type Gateway struct {
 	admin   *http.Server
 
 	registry *Registry
+	// grants says which agent names may serve which resources (grants.go).
+	grants *grantStore
+	// claimLimit bounds the agent.claim_refused records across sessions (claimAuditEvery).
+	claimLimit claimLimiter
 	// acmeBinds holds agents' ACME validation connections (acmebind.go).
 	acmeBinds acmeBinds
 	peers     *peerIndex
@@ -254,6 +258,16 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 	}
 	g.serverTLS = g.newServerTLS()
 	g.loadAgents()
+	var grantsExist bool
+	if g.grants, grantsExist, err = loadGrants(cfg.DataDir); err != nil {
+		return nil, err
+	}
+	g.registry.allowed = g.grants.allowed
+	if !grantsExist {
+		if err := g.migrateGrants(); err != nil {
+			return nil, err
+		}
+	}
 
 	if cfg.PolicyFile != "" {
 		g.policy, err = policy.NewWatcher(g.bgCtx, policy.WatchConfig{
@@ -290,6 +304,9 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 	}
 	g.admin = &http.Server{
 		Handler:           g.adminHandler(),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, actorKey{}, peerActor(c))
+		},
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(g.log.With("component", "admin").Handler(), slog.LevelDebug),
 	}
