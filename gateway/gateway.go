@@ -303,7 +303,7 @@ func New(ctx context.Context, cfg Config) (g *Gateway, err error) {
 		BaseContext:       func(net.Listener) context.Context { return g.bgCtx },
 	}
 	g.admin = &http.Server{
-		Handler:           g.adminHandler(),
+		Handler: g.adminHandler(),
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, actorKey{}, peerActor(c))
 		},

@@ -51,11 +51,11 @@ type agentSession struct {
 	// claimAudited are the refused resources whose agent.claim_refused record this session
 	// has written (once per session and resource).
 	claimAudited map[string]bool
-	remote    string
-	since     time.Time
-	expires   time.Time
-	sess      *tunnel.Session
-	peer      *peer
+	remote       string
+	since        time.Time
+	expires      time.Time
+	sess         *tunnel.Session
+	peer         *peer
 }
 
 type agentRecord struct {
