@@ -171,10 +171,11 @@ func (g *Gateway) migrateGrants() error {
 	var parts []string
 	known := g.registry.List()
 	for _, a := range known {
-		if len(a.Resources) > 0 {
-			m[a.Name] = normalize(a.Resources)
+		res := normalize(a.Resources)
+		if len(res) > 0 {
+			m[a.Name] = res
 		}
-		parts = append(parts, a.Name+"="+strings.Join(a.Resources, ","))
+		parts = append(parts, a.Name+"="+strings.Join(res, ","))
 	}
 	if err := g.grants.replaceAll(m); err != nil {
 		return fmt.Errorf("write the resource grants (first start with resource ownership): %w", err)
