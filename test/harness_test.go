@@ -288,12 +288,21 @@ func (g *Gateway) Token(role, name string, extra ...string) string {
 	return tok
 }
 
+// AgentToken mints a one-time agent token for name that grants it resources (`wicket
+// token create agent NAME --resources R1,R2`); an agent serves only what its name is granted.
+func (g *Gateway) AgentToken(name string, resources []string, extra ...string) string {
+	g.h.t.Helper()
+	return g.Token("agent", name, append([]string{"--resources", strings.Join(resources, ",")}, extra...)...)
+}
+
 // AgentInfo is one row of `wicket agents list --json`; only the fields the
 // tests read are declared.
 type AgentInfo struct {
 	Name      string   `json:"name"`
 	Status    string   `json:"status"`
 	Resources []string `json:"resources"`
+	Allowed   []string `json:"allowed"`
+	Refused   []string `json:"refused"`
 }
 
 // Agents returns `wicket agents list --json`.
@@ -389,13 +398,17 @@ func (h *Harness) Run(env []string, args ...string) (string, string, error) {
 	return stdout.String(), stderr.String(), err
 }
 
-// StartAgent enrolls a new agent with a fresh token and starts it, exposing
-// the given NAME=HOST:PORT resources. It returns when the gateway lists the
+// StartAgent enrolls a new agent with a fresh token granting the resources it
+// exposes, and starts it, exposing the given NAME=HOST:PORT resources. It returns when the gateway lists the
 // agent online.
 func (h *Harness) StartAgent(g *Gateway, name string, expose ...string) (*Process, string) {
 	h.t.Helper()
 	dir := h.Dir("agent-" + name + "-" + randSuffix())
-	p := h.StartAgentWith(g.Token("agent", name), dir, nil, expose...)
+	var names []string
+	for _, e := range expose {
+		names = append(names, strings.SplitN(e, "=", 2)[0])
+	}
+	p := h.StartAgentWith(g.AgentToken(name, names), dir, nil, expose...)
 	for _, e := range expose {
 		g.WaitAgentOnline(name, strings.SplitN(e, "=", 2)[0])
 	}
