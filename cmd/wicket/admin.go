@@ -59,9 +59,9 @@ func resourcesFlag(fs interface {
 func runToken(ctx context.Context, args []string) error {
 	fs := newFlagSet("token")
 	dataDir := dataDirFlag(fs)
-	resources := resourcesFlag(fs, "for an agent: the resources (comma-separated) this agent name may serve, "+
+	resources := resourcesFlag(fs, "for an agent: the resources `R1,R2` this agent name may serve, "+
 		"granted when the token is minted and added to any earlier grant; without it the agent serves nothing "+
-		"(default deny) until `wicket agents allow NAME --resources R`")
+		"(default deny) until an administrator runs: wicket agents allow NAME --resources R")
 	ttl := fs.Duration("ttl", 15*time.Minute, "how long the token is valid after minting (1s to 24h), checked to the second by the gateway; usable once")
 	useACME := fs.Bool("acme", false, "for an agent: an ACME enrollment credential (EAB key bound to the name) instead of a bootstrap token")
 	pos, err := parseInterspersed(fs, args)
@@ -109,7 +109,7 @@ func runAgents(ctx context.Context, args []string) error {
 	fs := newFlagSet("agents")
 	dataDir := dataDirFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON for scripts")
-	resources := resourcesFlag(fs, "for allow and disallow: the resources (comma-separated) to grant to or withdraw from the agent name")
+	resources := resourcesFlag(fs, "for allow and disallow: the resources `R1,R2` to grant to or withdraw from the agent name")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
