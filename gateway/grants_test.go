@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway/audit"
+	"github.com/wicketgw/wicket/tunnel"
 )
 
 // TestGrantStoreMergesAndPersists checks allow merges with the existing grant, disallow
@@ -66,10 +68,25 @@ func TestAgentClaimRefused(t *testing.T) {
 		!strings.Contains(evil.ack.Refused[0].Reason, "wicket agents allow evil --resources echo") {
 		t.Fatalf("evil's hello reply: %+v", evil.ack)
 	}
+	// A later hello is answered with the refusals too.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ctl, err := evil.sess.OpenControl(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ctl.Send(tunnel.Hello{Name: "evil", Instance: "e", Resources: []string{"echo"}}); err != nil {
+		t.Fatal(err)
+	}
+	var later tunnel.Hello
+	if err := ctl.Recv(&later); err != nil || len(later.Refused) != 1 || later.Refused[0].Resource != "echo" {
+		t.Fatalf("reply to a later hello: %+v, %v", later, err)
+	}
+	ctl.Close()
+
 	user := tg.dialUser("alice")
-	for i := range 20 {
+	for range 20 {
 		echoOnce(t, user, "echo", "hello")
-		_ = i
 	}
 	if db1.servedCount() != 20 || evil.servedCount() != 0 {
 		t.Fatalf("db1 served %d, evil %d; want 20 and 0", db1.servedCount(), evil.servedCount())
