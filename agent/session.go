@@ -246,3 +246,8 @@ func dialReason(err error, timeout time.Duration) string {
 	}
 	return "connection failed"
 }
+
+// Done, Err and Cert make a session a keeper.Session.
+func (s *session) Done() <-chan struct{}   { return s.sess.Done() }
+func (s *session) Err() error              { return s.sess.Err() }
+func (s *session) Cert() *x509.Certificate { return s.leaf }

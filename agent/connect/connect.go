@@ -28,6 +28,7 @@ import (
 
 	"github.com/wicketgw/wicket/agent/identity"
 	"github.com/wicketgw/wicket/agent/internal/closed"
+	"github.com/wicketgw/wicket/agent/internal/keeper"
 	"github.com/wicketgw/wicket/agent/internal/track"
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/tunnel"
@@ -122,7 +123,8 @@ type Config struct {
 	// For tests and demos. Default 0: off.
 	RenewPeriod time.Duration
 	// Reconnect is the backoff between connection attempts. Nil: 500 ms
-	// doubling up to 30 s with full jitter.
+	// doubling up to 30 s with full jitter, reset as soon as a session is
+	// established and the gateway has answered.
 	Reconnect *tunnel.Backoff
 	// Logger receives events. Default: discard.
 	Logger *slog.Logger
@@ -253,6 +255,11 @@ type session struct {
 	streams track.Tracker
 }
 
+// Done, Err and Cert make a session a keeper.Session.
+func (s *session) Done() <-chan struct{}   { return s.sess.Done() }
+func (s *session) Err() error              { return s.sess.Err() }
+func (s *session) Cert() *x509.Certificate { return s.leaf }
+
 func (c *client) setCurrent(s *session, err error) {
 	c.mu.Lock()
 	c.cur = s
@@ -277,12 +284,9 @@ func (c *client) run(ctx context.Context, ln net.Listener) error {
 	}()
 	go func() {
 		defer bg.Done()
-		tunnel.Retry(rctx, c.cfg.Reconnect, c.cfg.After,
-			func(ctx context.Context) error { return c.connect(ctx, stop) },
-			func(err error, wait time.Duration) {
-				c.log.Warn(fmt.Sprintf("no session to the gateway; reconnecting in %s", wait.Round(time.Millisecond)),
-					"reason", err, "gateway", c.addr)
-			})
+		if err := keeper.Run(rctx, c.keeperConfig()); err != nil {
+			stop(err)
+		}
 	}()
 
 	var runErr error
@@ -463,62 +467,53 @@ func (c *client) session(ctx context.Context, deadline time.Time) (*session, err
 	}
 }
 
-// connect keeps one session to the gateway, replacing it make-before-break
-// after each renewal, until it ends or ctx does.
-func (c *client) connect(ctx context.Context, fail context.CancelCauseFunc) error {
-	if err := identity.CheckValid(&identity.Stored{Creds: c.renewer.Current()}, c.cfg.Now()); err != nil {
-		err = userExpired(err)
-		fail(err)
-		return err
-	}
-	cur, err := c.dial(ctx)
-	if err != nil {
-		c.setCurrent(nil, err)
-		c.diagnose(ctx, err, fail)
-		return err
-	}
-	c.setCurrent(cur, nil)
-	c.log.Info("connected to the gateway", "gateway", c.addr, "cert_expires", cur.leaf.NotAfter.UTC().Format(time.RFC3339))
-	var retrySwitch <-chan time.Time
-	bo := tunnel.Backoff{Initial: time.Second, Max: time.Minute}
-	doSwitch := func() {
-		retrySwitch = nil
-		next, err := c.dial(ctx)
-		if err != nil {
-			c.log.Warn("could not open a session with the renewed certificate; the current session keeps serving", "err", err)
-			retrySwitch = c.cfg.After(bo.Next())
-			return
-		}
-		bo.Reset()
-		old := cur
-		cur = next
-		c.setCurrent(cur, nil)
-		c.log.Info("moved to a new session with the renewed certificate", "draining_streams", old.streams.Active(),
-			"cert_expires", next.leaf.NotAfter.UTC().Format(time.RFC3339))
-		c.wg.Add(1)
-		go func() {
-			defer c.wg.Done()
-			c.drain(ctx, old)
-		}()
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			c.setCurrent(nil, nil)
-			cur.sess.Close()
-			return ctx.Err()
-		case <-cur.sess.Done():
-			err := fmt.Errorf("session closed: %w", cur.sess.Err())
-			c.setCurrent(nil, err)
-			cur.sess.Close()
-			return err
-		case creds := <-c.renewer.Updates():
-			if !creds.Chain[0].Equal(cur.leaf) {
-				doSwitch()
+// keeperConfig wires the client into the keep-a-session loop: a session
+// is established once the gateway has answered a ping, becomes the one new
+// streams use, and is replaced make-before-break after each renewal.
+func (c *client) keeperConfig() keeper.Config[*session] {
+	return keeper.Config[*session]{
+		Check: func() error {
+			if err := identity.CheckValid(&identity.Stored{Creds: c.renewer.Current()}, c.cfg.Now()); err != nil {
+				return userExpired(err)
 			}
-		case <-retrySwitch:
-			doSwitch()
-		}
+			return nil
+		},
+		Dial: c.dial,
+		DialFailed: func(ctx context.Context, err error) error {
+			c.setCurrent(nil, err)
+			return c.diagnose(ctx, err)
+		},
+		Up: func(s *session) {
+			c.setCurrent(s, nil)
+			c.log.Info("connected to the gateway", "gateway", c.addr, "cert_expires", s.leaf.NotAfter.UTC().Format(time.RFC3339))
+		},
+		Switched: func(ctx context.Context, old, next *session) {
+			c.setCurrent(next, nil)
+			c.log.Info("moved to a new session with the renewed certificate", "draining_streams", old.streams.Active(),
+				"cert_expires", next.leaf.NotAfter.UTC().Format(time.RFC3339))
+			c.wg.Add(1)
+			go func() {
+				defer c.wg.Done()
+				c.drain(ctx, old)
+			}()
+		},
+		SwitchFailed: func(err error) {
+			c.log.Warn("could not open a session with the renewed certificate; the current session keeps serving", "err", err)
+		},
+		Down: func(s *session, cause error) {
+			if errors.Is(cause, context.Canceled) {
+				cause = nil
+			}
+			c.setCurrent(nil, cause)
+			s.sess.Close()
+		},
+		Retrying: func(err error, wait time.Duration) {
+			c.log.Warn(fmt.Sprintf("no session to the gateway; reconnecting in %s", wait.Round(time.Millisecond)),
+				"reason", err, "gateway", c.addr)
+		},
+		Renewed: c.renewer.Updates(),
+		Backoff: c.cfg.Reconnect,
+		After:   c.cfg.After,
 	}
 }
 
@@ -591,15 +586,16 @@ func (c *client) dial(ctx context.Context) (*session, error) {
 }
 
 // diagnose asks the CA why the gateway refused the session (see the agent's
-// counterpart): a revoked or expired certificate ends Connect.
-func (c *client) diagnose(ctx context.Context, dialErr error, fail context.CancelCauseFunc) {
+// counterpart): a revoked or expired certificate ends Connect (it returns
+// that error).
+func (c *client) diagnose(ctx context.Context, dialErr error) error {
 	var se *sessionError
 	if !errors.As(dialErr, &se) {
-		return
+		return nil
 	}
 	now := c.cfg.Now()
 	if !c.lastDiagnose.IsZero() && now.Sub(c.lastDiagnose) < time.Minute {
-		return
+		return nil
 	}
 	c.lastDiagnose = now
 	err := c.renewer.RenewNow(ctx)
@@ -607,10 +603,11 @@ func (c *client) diagnose(ctx context.Context, dialErr error, fail context.Cance
 	case err == nil:
 		c.log.Info("the gateway refused the session; the certificate was renewed, retrying with it")
 	case errors.Is(err, identity.ErrRevoked):
-		fail(err)
+		return err
 	case errors.Is(err, identity.ErrExpired):
-		fail(userExpired(err))
+		return userExpired(err)
 	}
+	return nil
 }
 
 // userExpired words an expiry for a user, who logs in rather than enrolls.
