@@ -324,35 +324,70 @@ func (c *client) run(ctx context.Context, ln net.Listener) error {
 	return runErr
 }
 
-// stdio relays stdin/stdout as one stream.
+// stdio relays stdin/stdout as one stream. A stream that ends abnormally
+// ends it at once with an error, without waiting for stdin to close.
 func (c *client) stdio(ctx context.Context) error {
-	st, s, err := c.open(ctx)
+	st, s, err := c.open(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer s.streams.Done()
-	_, _, err = tunnel.Relay(ctx, &stdioConn{r: c.cfg.Stdin, w: c.cfg.Stdout}, st)
+	in := newStdioConn(c.cfg.Stdin, c.cfg.Stdout)
+	_, _, err = tunnel.Relay(ctx, in, st)
 	if err != nil && ctx.Err() == nil {
 		return fmt.Errorf("stream to resource %s: %w", c.cfg.Resource, err)
 	}
 	return nil
 }
 
-// relay carries one local connection.
+// relay carries one local connection. Until its stream is open the
+// connection is watched: what the client sends meanwhile is kept and sent
+// first, and a client that goes away while there is no session to the
+// gateway, or resets its connection, is never forwarded. Every abnormal end
+// (a refusal, a reset stream, a lost session, connect stopping) resets the
+// local connection; only a clean end closes it with FIN.
 func (c *client) relay(ctx context.Context, conn net.Conn) {
 	log := c.log.With("local", conn.RemoteAddr().String())
-	st, s, err := c.open(ctx)
+	w := watchEarly(conn)
+	st, s, err := c.open(ctx, w)
+	early, how := w.stop()
 	if err != nil {
-		if ctx.Err() == nil {
+		switch {
+		case errors.Is(err, errClientGone):
+			log.Info("the client closed its connection before the stream opened; nothing was forwarded",
+				"bytes_dropped", len(early), "how", closeHow(how))
+		case ctx.Err() == nil:
 			log.Error(err.Error())
 		}
-		conn.Close()
+		closed.Reset(conn)
 		return
 	}
 	defer s.streams.Done()
+	if how != nil && how != io.EOF {
+		// Reset by the client just as the stream opened: forward nothing.
+		log.Info("the client reset its connection before the stream opened; nothing was forwarded", "bytes_dropped", len(early))
+		st.Close()
+		closed.Reset(conn)
+		return
+	}
 	start := time.Now()
-	log.Debug("stream opened")
-	up, down, err := tunnel.Relay(ctx, conn, st)
+	log.Debug("stream opened", "early_bytes", len(early))
+	var up, down int64
+	if len(early) > 0 {
+		n, err := st.Write(early)
+		up = int64(n)
+		if err != nil {
+			log.Warn("connection ended with an error", "bytes_up", up, "err", err)
+			st.Close()
+			closed.Reset(conn)
+			return
+		}
+	}
+	// After a FIN the local reads return EOF again, so the relay half-closes
+	// the stream as if the FIN came now.
+	u, down, err := tunnel.Relay(ctx, closed.Held(conn), st)
+	up += u
+	closed.End(conn, err)
 	attrs := []any{"bytes_up", up, "bytes_down", down, "duration", time.Since(start).Round(time.Millisecond)}
 	switch {
 	case err == nil:
@@ -360,18 +395,119 @@ func (c *client) relay(ctx context.Context, conn net.Conn) {
 	case closed.ByPeer(err):
 		log.Info("connection ended", append(attrs, "closed_by_peer", err.Error())...)
 	default:
-		log.Warn("connection ended with an error", append(attrs, "err", err)...)
+		log.Warn("connection ended with an error; the local connection was reset", append(attrs, "err", err)...)
 	}
+}
+
+// closeHow words how the client's side ended for a log line.
+func closeHow(err error) string {
+	if err == io.EOF {
+		return "closed"
+	}
+	return "reset"
+}
+
+// errClientGone: the local client went away before its stream opened.
+var errClientGone = errors.New("the client closed its connection before the stream opened")
+
+// earlyMax bounds what is kept of a client's bytes sent before its stream
+// opens; beyond it the client waits (TCP flow control) like any slow link.
+const earlyMax = 64 << 10
+
+// early watches a local connection while its stream is being opened.
+type early struct {
+	conn  net.Conn
+	buf   []byte
+	err   error         // how the client's side ended: io.EOF (closed or half-closed) or a reset; nil: open
+	ended chan struct{} // closed once err is set
+	done  chan struct{} // the reading goroutine returned
+}
+
+func watchEarly(conn net.Conn) *early {
+	w := &early{conn: conn, ended: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		b := make([]byte, 4<<10)
+		for len(w.buf) < earlyMax {
+			n, err := conn.Read(b[:min(len(b), earlyMax-len(w.buf))])
+			w.buf = append(w.buf, b[:n]...)
+			if err != nil {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					return // stop's deadline, not the client
+				}
+				w.err = err
+				close(w.ended)
+				return
+			}
+		}
+	}()
+	return w
+}
+
+// gone is closed when the client closed or reset its side.
+func (w *early) gone() <-chan struct{} {
+	if w == nil {
+		return nil
+	}
+	return w.ended
+}
+
+// reset reports, once gone is closed, whether the client reset its side
+// (rather than closing or half-closing it).
+func (w *early) reset() bool { return w.err != nil && w.err != io.EOF }
+
+// stop ends the watch; it returns what the client sent and how its side
+// ended (nil: it is still open).
+func (w *early) stop() ([]byte, error) {
+	_ = w.conn.SetReadDeadline(time.Unix(1, 0))
+	<-w.done
+	_ = w.conn.SetReadDeadline(time.Time{})
+	return w.buf, w.err
 }
 
 // open opens a stream to the resource over the newest session. A stream
 // that fails because its session is going away is retried on the next one;
 // an answer from the gateway (refused, no agent, dial failed) is final.
-func (c *client) open(ctx context.Context) (*tunnel.Stream, *session, error) {
+//
+// w (nil for stdio) is the local client being watched: if it goes away
+// while there is no session, open gives up with errClientGone; if it resets
+// its connection while the stream opens, the open is cancelled. A client
+// that merely half-closes while the stream opens is still served.
+func (c *client) open(ctx context.Context, w *early) (*tunnel.Stream, *session, error) {
+	st, s, err := c.openStream(ctx, w)
+	if err != nil && w != nil && ctx.Err() == nil {
+		select {
+		case <-w.gone():
+			if w.reset() || errors.Is(err, errClientGone) {
+				return nil, nil, errClientGone
+			}
+		default:
+		}
+	}
+	return st, s, err
+}
+
+func (c *client) openStream(ctx context.Context, w *early) (*tunnel.Stream, *session, error) {
 	deadline := time.Now().Add(c.cfg.OpenTimeout)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if w != nil {
+		stop := make(chan struct{})
+		defer close(stop)
+		go func() {
+			select {
+			case <-w.gone():
+				if w.reset() {
+					cancel()
+				}
+			case <-stop:
+			}
+		}()
+	}
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
-		s, err := c.session(ctx, deadline)
+		s, err := c.session(ctx, deadline, w.gone())
 		if err != nil {
 			if lastErr != nil {
 				err = fmt.Errorf("%w (last stream error: %v)", err, lastErr)
@@ -435,8 +571,9 @@ type openError struct {
 func (e *openError) Error() string { return e.msg }
 func (e *openError) Unwrap() error { return e.re }
 
-// session returns the current open session, waiting for one until deadline.
-func (c *client) session(ctx context.Context, deadline time.Time) (*session, error) {
+// session returns the current open session, waiting for one until deadline
+// or until gone is closed (the local client went away: errClientGone).
+func (c *client) session(ctx context.Context, deadline time.Time, gone <-chan struct{}) (*session, error) {
 	for {
 		c.mu.Lock()
 		s, changed, lastErr := c.cur, c.changed, c.lastErr
@@ -460,6 +597,9 @@ func (c *client) session(ctx context.Context, deadline time.Time) (*session, err
 		case <-ctx.Done():
 			t.Stop()
 			return nil, ctx.Err()
+		case <-gone:
+			t.Stop()
+			return nil, errClientGone
 		case <-changed:
 		case <-t.C:
 		}
@@ -620,13 +760,65 @@ func userExpired(err error) error {
 	return err
 }
 
-// stdioConn is stdin/stdout as a net.Conn for tunnel.Relay.
+// stdioConn is stdin/stdout as a net.Conn for tunnel.Relay. Stdin is read
+// by a goroutine of its own, so that Close makes a pending Read return even
+// when stdin cannot be interrupted (a terminal, a blocking pipe): a stream
+// that died ends connect at once rather than at the next line typed.
 type stdioConn struct {
-	r io.Reader
-	w io.Writer
+	r       io.Reader
+	w       io.Writer
+	chunks  chan stdinChunk
+	closed  chan struct{}
+	once    sync.Once
+	pending []byte // the rest of a chunk larger than a Read
+	rerr    error  // stdin's end, once reached
 }
 
-func (s *stdioConn) Read(p []byte) (int, error)  { return s.r.Read(p) }
+type stdinChunk struct {
+	b   []byte
+	err error
+}
+
+func newStdioConn(r io.Reader, w io.Writer) *stdioConn {
+	s := &stdioConn{r: r, w: w, chunks: make(chan stdinChunk), closed: make(chan struct{})}
+	go s.pump()
+	return s
+}
+
+// pump reads stdin until it ends or the connection is closed (then a Read
+// still blocked in stdin is left to the process's exit).
+func (s *stdioConn) pump() {
+	for {
+		b := make([]byte, 32<<10)
+		n, err := s.r.Read(b)
+		select {
+		case s.chunks <- stdinChunk{b[:n], err}:
+		case <-s.closed:
+			return
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (s *stdioConn) Read(p []byte) (int, error) {
+	for len(s.pending) == 0 {
+		if s.rerr != nil {
+			return 0, s.rerr
+		}
+		select {
+		case c := <-s.chunks:
+			s.pending, s.rerr = c.b, c.err
+		case <-s.closed:
+			return 0, net.ErrClosed
+		}
+	}
+	n := copy(p, s.pending)
+	s.pending = s.pending[n:]
+	return n, nil
+}
+
 func (s *stdioConn) Write(p []byte) (int, error) { return s.w.Write(p) }
 
 // CloseWrite ends our output (the remote side finished).
@@ -638,6 +830,7 @@ func (s *stdioConn) CloseWrite() error {
 }
 
 func (s *stdioConn) Close() error {
+	s.once.Do(func() { close(s.closed) })
 	if c, ok := s.r.(io.Closer); ok {
 		c.Close()
 	}
@@ -654,12 +847,8 @@ func (s *stdioConn) SetDeadline(t time.Time) error {
 	return nil
 }
 
-func (s *stdioConn) SetReadDeadline(t time.Time) error {
-	if d, ok := s.r.(interface{ SetReadDeadline(time.Time) error }); ok {
-		return d.SetReadDeadline(t)
-	}
-	return nil
-}
+// SetReadDeadline is not supported on stdin; the relay does not need it.
+func (s *stdioConn) SetReadDeadline(time.Time) error { return nil }
 
 func (s *stdioConn) SetWriteDeadline(t time.Time) error {
 	if d, ok := s.w.(interface{ SetWriteDeadline(time.Time) error }); ok {
