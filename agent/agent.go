@@ -24,6 +24,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -53,7 +54,9 @@ type Config struct {
 	//     (use another DataDir, or delete this one).
 	Token string
 	// Expose maps a resource name (a DNS label) to the host:port the agent
-	// dials for it. The only addresses the agent ever dials. Required.
+	// dials for it. The only addresses the agent ever dials. Empty: the list
+	// kept in DataDir/agent.json (ConfigFile) by an earlier run. A list given
+	// here replaces the kept one.
 	Expose map[string]string
 	// ExposeUpdates, if set, delivers later versions of Expose (`wicket
 	// agent` sends one on SIGHUP after re-reading its configuration). Each
@@ -147,6 +150,17 @@ func newExposure(m map[string]string) *exposure {
 func (c *Config) setDefaults() error {
 	if c.DataDir == "" {
 		return fmt.Errorf("%w: a data directory is required (--data-dir or WICKET_DATA_DIR)", ErrConfig)
+	}
+	if len(c.Expose) == 0 {
+		stored, err := loadStoredExpose(c.DataDir)
+		if err != nil {
+			return err
+		}
+		if len(stored) == 0 {
+			return fmt.Errorf("%w: expose at least one resource (--expose NAME=HOST:PORT); %s holds no list from an earlier run",
+				ErrConfig, filepath.Join(c.DataDir, ConfigFile))
+		}
+		c.Expose = stored
 	}
 	if err := validateExpose(c.Expose); err != nil {
 		return err
@@ -283,6 +297,7 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 
 func (a *agent) run(ctx context.Context) error {
 	leaf := a.renewer.Current().Chain[0]
+	a.saveStoredConfig(a.exposed.Load().targets)
 	a.log.Info("agent starting", "gateway", a.meta.URL, "resources", a.exposed.Load().names, "instance", a.instance,
 		"cert_expires", leaf.NotAfter.UTC().Format(time.RFC3339))
 
@@ -389,6 +404,7 @@ func (a *agent) watchExpose(ctx context.Context) {
 		next := newExposure(m)
 		a.exposed.Store(next)
 		a.log.Info("now exposing a new list of resources", "resources", next.names, "previous", cur.names)
+		a.saveStoredConfig(next.targets)
 		select {
 		case a.announce <- struct{}{}:
 		default: // an announcement is already pending; it will send the newest list

@@ -342,8 +342,8 @@ func (c *client) stdio(ctx context.Context) error {
 
 // relay carries one local connection. Until its stream is open the
 // connection is watched: what the client sends meanwhile is kept and sent
-// first, and a client that goes away while there is no session to the
-// gateway, or resets its connection, is never forwarded. Every abnormal end
+// first, and a client that closes while the gateway is unreachable, or
+// resets its connection, is never forwarded. Every abnormal end
 // (a refusal, a reset stream, a lost session, connect stopping) resets the
 // local connection; only a clean end closes it with FIN.
 func (c *client) relay(ctx context.Context, conn net.Conn) {
@@ -471,9 +471,10 @@ func (w *early) stop() ([]byte, error) {
 // an answer from the gateway (refused, no agent, dial failed) is final.
 //
 // w (nil for stdio) is the local client being watched: if it goes away
-// while there is no session, open gives up with errClientGone; if it resets
-// its connection while the stream opens, the open is cancelled. A client
-// that merely half-closes while the stream opens is still served.
+// while the gateway is unreachable, open gives up with errClientGone (see
+// session); if it resets its connection while the stream opens, the open is
+// cancelled. A client that merely half-closes while the stream opens is
+// still served.
 func (c *client) open(ctx context.Context, w *early) (*tunnel.Stream, *session, error) {
 	st, s, err := c.openStream(ctx, w)
 	if err != nil && w != nil && ctx.Err() == nil {
@@ -507,7 +508,7 @@ func (c *client) openStream(ctx context.Context, w *early) (*tunnel.Stream, *ses
 	}
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
-		s, err := c.session(ctx, deadline, w.gone())
+		s, err := c.session(ctx, deadline, w)
 		if err != nil {
 			if lastErr != nil {
 				err = fmt.Errorf("%w (last stream error: %v)", err, lastErr)
@@ -571,9 +572,14 @@ type openError struct {
 func (e *openError) Error() string { return e.msg }
 func (e *openError) Unwrap() error { return e.re }
 
-// session returns the current open session, waiting for one until deadline
-// or until gone is closed (the local client went away: errClientGone).
-func (c *client) session(ctx context.Context, deadline time.Time, gone <-chan struct{}) (*session, error) {
+// session returns the current open session, waiting for one until
+// deadline. A watched client (w, nil for stdio) that resets its connection
+// meanwhile, or closes it while the gateway is known to be unreachable (an
+// attempt failed or the session was lost), has given up: errClientGone. One
+// that closes while connect is still making its first session may only have
+// half-closed after its request, and keeps waiting.
+func (c *client) session(ctx context.Context, deadline time.Time, w *early) (*session, error) {
+	gone, closedEarly := w.gone(), false
 	for {
 		c.mu.Lock()
 		s, changed, lastErr := c.cur, c.changed, c.lastErr
@@ -584,6 +590,9 @@ func (c *client) session(ctx context.Context, deadline time.Time, gone <-chan st
 			default:
 				return s, nil
 			}
+		}
+		if closedEarly && lastErr != nil {
+			return nil, errClientGone
 		}
 		wait := time.Until(deadline)
 		if wait <= 0 {
@@ -598,8 +607,11 @@ func (c *client) session(ctx context.Context, deadline time.Time, gone <-chan st
 			t.Stop()
 			return nil, ctx.Err()
 		case <-gone:
-			t.Stop()
-			return nil, errClientGone
+			if w.reset() || lastErr != nil {
+				t.Stop()
+				return nil, errClientGone
+			}
+			gone, closedEarly = nil, true
 		case <-changed:
 		case <-t.C:
 		}
