@@ -4,7 +4,10 @@
 // to a resource through the gateway, over a single mutually authenticated
 // tunnel session that reconnects when it drops. The user certificate renews
 // itself while connect runs; after a renewal new streams go over a new
-// session while the old one drains (make-before-break).
+// session while the old one drains (make-before-break). A stream that ends
+// abnormally resets its local connection (RST), so a cut transfer never
+// looks complete, and a local client that gave up before its stream opened
+// is never forwarded.
 //
 // What it must NOT do: listen on anything but the address it is given (a
 // non-loopback address is allowed but warned about: whoever reaches it acts
