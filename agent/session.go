@@ -212,7 +212,11 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 		return
 	}
 	log.Debug("stream opened", "target", target)
-	toTarget, fromTarget, err := tunnel.Relay(ctx, st, conn)
+	// A stream that dies (the gateway or its session gone, the agent
+	// stopping) resets the resource's connection instead of ending it with
+	// FIN, so the resource cannot take a cut request for a complete one.
+	toTarget, fromTarget, err := tunnel.Relay(ctx, st, closed.Held(conn))
+	closed.End(conn, err)
 	a.cfg.Stats.StreamsOK.Add(1)
 	a.cfg.Stats.BytesToResource.Add(toTarget)
 	a.cfg.Stats.BytesFromResource.Add(fromTarget)
@@ -255,3 +259,8 @@ func dialReason(err error, timeout time.Duration) string {
 	}
 	return "connection failed"
 }
+
+// Done, Err and Cert make a session a keeper.Session.
+func (s *session) Done() <-chan struct{}   { return s.sess.Done() }
+func (s *session) Err() error              { return s.sess.Err() }
+func (s *session) Cert() *x509.Certificate { return s.leaf }

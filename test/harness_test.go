@@ -92,8 +92,32 @@ type Process struct {
 // Start runs wicket with args and env (added to the test's environment).
 func (h *Harness) Start(name string, env []string, args ...string) *Process {
 	h.t.Helper()
+	return h.start(name, env, nil, args)
+}
+
+// StartWithStdin is Start with the process's stdin a pipe the test writes to
+// (and closes, or leaves open).
+func (h *Harness) StartWithStdin(name string, env []string, args ...string) (*Process, io.WriteCloser) {
+	h.t.Helper()
+	var stdin io.WriteCloser
+	p := h.start(name, env, func(cmd *exec.Cmd) {
+		w, err := cmd.StdinPipe()
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		stdin = w
+	}, args)
+	h.t.Cleanup(func() { stdin.Close() })
+	return p, stdin
+}
+
+func (h *Harness) start(name string, env []string, prepare func(*exec.Cmd), args []string) *Process {
+	h.t.Helper()
 	cmd := exec.Command(wicketBin, args...)
 	cmd.Env = append(os.Environ(), env...)
+	if prepare != nil {
+		prepare(cmd)
+	}
 	p := &Process{t: h.t, name: name, cmd: cmd, notify: make(chan struct{}), done: make(chan struct{})}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
