@@ -41,6 +41,7 @@ func TestAgentRestartWithOnlyDataDir(t *testing.T) {
 	}
 
 	// Flags given override the kept list and are kept in turn.
+	gw.MustAdmin("agents", "allow", "db1", "--resources", "echo3")
 	agent = h.StartAgentWith("", dir, nil, "echo3="+echo)
 	gw.WaitAgentOnline("db1", "echo3")
 	if err := agent.Stop(); err != nil {
