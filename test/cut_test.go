@@ -240,3 +240,74 @@ func TestGaveUpNotForwarded(t *testing.T) {
 		}
 	}
 }
+
+// TestCutByAgentResets: the other two places a transfer can be cut, with the
+// gateway staying up. An agent killed mid-transfer, and a resource that
+// resets its connection, each reach the client of `wicket connect` as a reset
+// (ECONNRESET), never as a clean end of file: the gateway resets the user's
+// stream (a yamux RST) instead of closing it.
+func TestCutByAgentResets(t *testing.T) {
+	h := NewHarness(t)
+	gw := h.StartGateway(GatewayOptions{Policy: allowAlice})
+	flood, _ := floodServer(t)
+	resetter := resetServer(t)
+	agent, _ := h.StartAgent(gw, "db1", "flood="+flood, "resetter="+resetter)
+	user := h.Login(gw, "alice")
+	_, viaReset := h.Connect(user, "resetter")
+	_, viaFlood := h.Connect(user, "flood")
+
+	expectReset := func(what, local string, cut func()) {
+		t.Helper()
+		c, err := net.DialTimeout("tcp", local, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(waitTimeout))
+		if _, err := io.ReadFull(c, make([]byte, floodBytes)); err != nil {
+			t.Fatalf("%s: transfer before the cut: %v", what, err)
+		}
+		cut()
+		cutAt := time.Now()
+		n, err := io.Copy(io.Discard, c)
+		var ne net.Error
+		switch {
+		case errors.As(err, &ne) && ne.Timeout():
+			t.Fatalf("%s: the local connection hung after the cut", what)
+		case err == nil:
+			t.Fatalf("%s: the local connection ended with a clean EOF (%d more bytes): a cut transfer looks complete", what, n)
+		case !errors.Is(err, syscall.ECONNRESET):
+			t.Fatalf("%s: local read ended with %v, want ECONNRESET", what, err)
+		}
+		t.Logf("%s: local connection reset %s after the cut", what, time.Since(cutAt).Round(time.Millisecond))
+	}
+	expectReset("resource resets", viaReset, func() {}) // the resource resets by itself after its bytes
+	expectReset("agent killed", viaFlood, agent.kill9)
+}
+
+// resetServer is a resource that sends floodBytes to each connection and
+// then resets it (SO_LINGER 0).
+func resetServer(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = c.Write(bytes.Repeat([]byte("x"), floodBytes))
+			time.Sleep(200 * time.Millisecond) // let the bytes reach the client first
+			_ = c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+		}
+	}()
+	return ln.Addr().String()
+}
