@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/wicketgw/wicket/tunnel/loopback"
 )
 
 // floodServer is a resource that sends floodBytes to each connection, then
@@ -21,39 +23,20 @@ const floodBytes = 256 << 10
 
 func floodServer(t *testing.T) (addr string, readEnds <-chan error) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	ends := make(chan error, 10)
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(2)
-			go func() {
-				defer wg.Done()
-				_ = c.SetDeadline(time.Now().Add(waitTimeout))
-				_, err := io.Copy(io.Discard, c)
-				if err == nil {
-					err = io.EOF
-				}
-				ends <- err
-				c.Close()
-			}()
-			go func() {
-				defer wg.Done()
-				_, _ = c.Write(bytes.Repeat([]byte("x"), floodBytes))
-			}()
+	addr = loopback.Serve(t, func(c net.Conn) {
+		wrote := make(chan struct{})
+		go func() { defer close(wrote); _, _ = c.Write(bytes.Repeat([]byte("x"), floodBytes)) }()
+		_ = c.SetDeadline(time.Now().Add(waitTimeout))
+		_, err := io.Copy(io.Discard, c)
+		if err == nil {
+			err = io.EOF
 		}
-	}()
-	return ln.Addr().String(), ends
+		ends <- err
+		c.Close()
+		<-wrote
+	})
+	return addr, ends
 }
 
 // TestCutTransferResets: a gateway killed mid-transfer makes `wicket connect`
@@ -135,42 +118,23 @@ func TestCutStdioExits(t *testing.T) {
 // recordServer is a resource that records what each connection sent and
 // answers "ok" once the client has finished sending.
 type recordServer struct {
-	ln   net.Listener
+	addr string
 	mu   sync.Mutex
 	got  []string
-	wg   sync.WaitGroup
 	seen chan struct{}
 }
 
 func newRecordServer(t *testing.T) *recordServer {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := &recordServer{ln: ln, seen: make(chan struct{}, 100)}
-	t.Cleanup(func() { ln.Close(); r.wg.Wait() })
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			r.wg.Add(1)
-			go func() {
-				defer r.wg.Done()
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(waitTimeout))
-				b, _ := io.ReadAll(c)
-				r.mu.Lock()
-				r.got = append(r.got, string(b))
-				r.mu.Unlock()
-				r.seen <- struct{}{}
-				_, _ = c.Write([]byte("ok"))
-			}()
-		}
-	}()
+	r := &recordServer{seen: make(chan struct{}, 100)}
+	r.addr = loopback.Serve(t, func(c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(waitTimeout))
+		b, _ := io.ReadAll(c)
+		r.mu.Lock()
+		r.got = append(r.got, string(b))
+		r.mu.Unlock()
+		r.seen <- struct{}{}
+		_, _ = c.Write([]byte("ok"))
+	})
 	return r
 }
 
@@ -187,7 +151,7 @@ func TestGaveUpNotForwarded(t *testing.T) {
 	h := NewHarness(t)
 	gw := h.StartGateway(GatewayOptions{Policy: allowAlice, Args: []string{"--grace-period", "0"}})
 	rec := newRecordServer(t)
-	h.StartAgent(gw, "db1", "rec="+rec.ln.Addr().String())
+	h.StartAgent(gw, "db1", "rec="+rec.addr)
 	conn, local := h.Connect(h.Login(gw, "alice"), "rec")
 
 	if err := gw.Stop(); err != nil {
@@ -289,25 +253,9 @@ func TestCutByAgentResets(t *testing.T) {
 // then resets it (SO_LINGER 0).
 func resetServer(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_, _ = c.Write(bytes.Repeat([]byte("x"), floodBytes))
-			time.Sleep(200 * time.Millisecond) // let the bytes reach the client first
-			_ = c.(*net.TCPConn).SetLinger(0)
-			c.Close()
-		}
-	}()
-	return ln.Addr().String()
+	return loopback.Serve(t, func(c net.Conn) {
+		_, _ = c.Write(bytes.Repeat([]byte("x"), floodBytes))
+		time.Sleep(200 * time.Millisecond) // let the bytes reach the client first
+		_ = c.(*net.TCPConn).SetLinger(0)
+	})
 }

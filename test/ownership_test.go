@@ -6,34 +6,17 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/wicketgw/wicket/tunnel/loopback"
 )
 
 // tagServer listens on 127.0.0.1 and answers every connection with tag, then closes it:
 // a target that says which agent's side a connection reached.
 func tagServer(t *testing.T, tag string) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_, _ = c.Write([]byte(tag))
-			_ = c.Close()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	return ln.Addr().String()
+	return loopback.Serve(t, func(c net.Conn) { _, _ = c.Write([]byte(tag)) })
 }
 
 // reached opens n connections to local and counts the tags that answer.
