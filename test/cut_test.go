@@ -50,31 +50,7 @@ func TestCutTransferResets(t *testing.T) {
 	h.StartAgent(gw, "db1", "flood="+flood)
 	_, local := h.Connect(h.Login(gw, "alice"), "flood")
 
-	c, err := net.DialTimeout("tcp", local, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(waitTimeout))
-	// The resource has sent all it sends before the cut; the client waits for
-	// more, as one does mid-download.
-	if _, err := io.ReadFull(c, make([]byte, floodBytes)); err != nil {
-		t.Fatalf("transfer before the kill: %v", err)
-	}
-	gw.kill9()
-	killed := time.Now()
-	n, err := io.Copy(io.Discard, c)
-	took := time.Since(killed)
-	var ne net.Error
-	switch {
-	case errors.As(err, &ne) && ne.Timeout():
-		t.Fatalf("the local connection hung after the gateway died")
-	case err == nil:
-		t.Fatalf("the local connection ended with a clean EOF after the gateway died (%d more bytes): a cut transfer looks complete", n)
-	case !errors.Is(err, syscall.ECONNRESET):
-		t.Fatalf("local read ended with %v, want ECONNRESET", err)
-	}
-	t.Logf("local connection reset %s after the gateway was killed", took.Round(time.Millisecond))
+	expectReset(t, "gateway killed", local, gw.kill9)
 
 	select {
 	case err := <-resourceEnds:
@@ -220,33 +196,38 @@ func TestCutByAgentResets(t *testing.T) {
 	_, viaReset := h.Connect(user, "resetter")
 	_, viaFlood := h.Connect(user, "flood")
 
-	expectReset := func(what, local string, cut func()) {
-		t.Helper()
-		c, err := net.DialTimeout("tcp", local, 10*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(waitTimeout))
-		if _, err := io.ReadFull(c, make([]byte, floodBytes)); err != nil {
-			t.Fatalf("%s: transfer before the cut: %v", what, err)
-		}
-		cut()
-		cutAt := time.Now()
-		n, err := io.Copy(io.Discard, c)
-		var ne net.Error
-		switch {
-		case errors.As(err, &ne) && ne.Timeout():
-			t.Fatalf("%s: the local connection hung after the cut", what)
-		case err == nil:
-			t.Fatalf("%s: the local connection ended with a clean EOF (%d more bytes): a cut transfer looks complete", what, n)
-		case !errors.Is(err, syscall.ECONNRESET):
-			t.Fatalf("%s: local read ended with %v, want ECONNRESET", what, err)
-		}
-		t.Logf("%s: local connection reset %s after the cut", what, time.Since(cutAt).Round(time.Millisecond))
+	expectReset(t, "resource resets", viaReset, func() {}) // the resource resets by itself after its bytes
+	expectReset(t, "agent killed", viaFlood, agent.kill9)
+}
+
+// expectReset reads floodBytes through the connect listener local (the
+// resource has sent all it sends before the cut; the client waits for more,
+// as one does mid-download), runs cut, and checks that the rest of the read
+// fails with ECONNRESET: not a clean end of file, not a hang.
+func expectReset(t *testing.T, what, local string, cut func()) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", local, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
 	}
-	expectReset("resource resets", viaReset, func() {}) // the resource resets by itself after its bytes
-	expectReset("agent killed", viaFlood, agent.kill9)
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(waitTimeout))
+	if _, err := io.ReadFull(c, make([]byte, floodBytes)); err != nil {
+		t.Fatalf("%s: transfer before the cut: %v", what, err)
+	}
+	cut()
+	cutAt := time.Now()
+	n, err := io.Copy(io.Discard, c)
+	var ne net.Error
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		t.Fatalf("%s: the local connection hung after the cut", what)
+	case err == nil:
+		t.Fatalf("%s: the local connection ended with a clean EOF (%d more bytes): a cut transfer looks complete", what, n)
+	case !errors.Is(err, syscall.ECONNRESET):
+		t.Fatalf("%s: local read ended with %v, want ECONNRESET", what, err)
+	}
+	t.Logf("%s: local connection reset %s after the cut", what, time.Since(cutAt).Round(time.Millisecond))
 }
 
 // resetServer is a resource that sends floodBytes to each connection and
