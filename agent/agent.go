@@ -24,12 +24,14 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/wicketgw/wicket/agent/identity"
+	"github.com/wicketgw/wicket/agent/internal/keeper"
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/tunnel"
 )
@@ -52,7 +54,9 @@ type Config struct {
 	//     (use another DataDir, or delete this one).
 	Token string
 	// Expose maps a resource name (a DNS label) to the host:port the agent
-	// dials for it. The only addresses the agent ever dials. Required.
+	// dials for it. The only addresses the agent ever dials. Empty: the list
+	// kept in DataDir/agent.json (ConfigFile) by an earlier run. A list given
+	// here replaces the kept one.
 	Expose map[string]string
 	// ExposeUpdates, if set, delivers later versions of Expose (`wicket
 	// agent` sends one on SIGHUP after re-reading its configuration). Each
@@ -83,7 +87,8 @@ type Config struct {
 	// For tests and demos. Default 0: off.
 	RenewPeriod time.Duration
 	// Reconnect is the backoff between connection attempts. Nil: 500 ms
-	// doubling up to 30 s with full jitter, reset after a minute of uptime.
+	// doubling up to 30 s with full jitter, reset as soon as a session is
+	// established and the gateway has answered the hello.
 	Reconnect *tunnel.Backoff
 	// Version is announced in the hello. Default "dev".
 	Version string
@@ -145,6 +150,17 @@ func newExposure(m map[string]string) *exposure {
 func (c *Config) setDefaults() error {
 	if c.DataDir == "" {
 		return fmt.Errorf("%w: a data directory is required (--data-dir or WICKET_DATA_DIR)", ErrConfig)
+	}
+	if len(c.Expose) == 0 {
+		stored, err := loadStoredExpose(c.DataDir)
+		if err != nil {
+			return err
+		}
+		if len(stored) == 0 {
+			return fmt.Errorf("%w: expose at least one resource (--expose NAME=HOST:PORT); %s holds no list from an earlier run",
+				ErrConfig, filepath.Join(c.DataDir, ConfigFile))
+		}
+		c.Expose = stored
 	}
 	if err := validateExpose(c.Expose); err != nil {
 		return err
@@ -281,6 +297,7 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 
 func (a *agent) run(ctx context.Context) error {
 	leaf := a.renewer.Current().Chain[0]
+	a.saveStoredConfig(a.exposed.Load().targets)
 	a.log.Info("agent starting", "gateway", a.meta.URL, "resources", a.exposed.Load().names, "instance", a.instance,
 		"cert_expires", leaf.NotAfter.UTC().Format(time.RFC3339))
 
@@ -298,13 +315,9 @@ func (a *agent) run(ctx context.Context) error {
 			stop(err) // expired or revoked: nothing more this process can do
 		}
 	}()
-	tunnel.Retry(rctx, a.cfg.Reconnect, a.cfg.After,
-		func(ctx context.Context) error { return a.connect(ctx, stop) },
-		func(err error, wait time.Duration) {
-			a.cfg.Stats.Reconnects.Add(1)
-			a.log.Warn(fmt.Sprintf("no session to the gateway; reconnecting in %s", wait.Round(time.Millisecond)),
-				"reason", err, "gateway", a.addr)
-		})
+	if err := keeper.Run(rctx, a.keeperConfig()); err != nil {
+		stop(err) // expired or revoked: nothing more this process can do
+	}
 	stop(nil)
 	wg.Wait()
 	a.drains.Wait()
@@ -316,61 +329,57 @@ func (a *agent) run(ctx context.Context) error {
 	return nil
 }
 
-// connect runs one connection: it dials a session, serves it, and replaces
-// it make-before-break after each renewal. It returns when the current
-// session ends or ctx does. A terminal state is reported through fail.
-func (a *agent) connect(ctx context.Context, fail context.CancelCauseFunc) error {
-	if err := identity.CheckValid(&identity.Stored{Creds: a.renewer.Current()}, a.cfg.Now()); err != nil {
-		fail(err)
-		return err
-	}
-	cur, err := a.dialSession(ctx)
-	if err != nil {
-		a.diagnose(ctx, err, fail)
-		return err
-	}
-	a.log.Info("connected to the gateway", "gateway", a.addr, "session", cur.gatewaySession,
-		"local", cur.sess.LocalAddr().String(), "cert_expires", cur.leaf.NotAfter.UTC().Format(time.RFC3339))
-
-	var retrySwitch <-chan time.Time
-	switchBackoff := tunnel.Backoff{Initial: time.Second, Max: time.Minute}
-	for {
-		select {
-		case <-ctx.Done():
-			if a.cfg.GracePeriod > 0 && cur.streams.Active() > 0 {
-				a.log.Info("stopping: letting streams in flight finish", "streams", cur.streams.Active(), "grace_period", a.cfg.GracePeriod)
-				if err := cur.sess.GoAway(); err != nil {
+// keeperConfig wires the agent into the keep-a-session loop: a session is
+// established once the gateway has answered the hello, it is replaced
+// make-before-break after each renewal, and the one replaced drains in the
+// background.
+func (a *agent) keeperConfig() keeper.Config[*session] {
+	return keeper.Config[*session]{
+		Check: func() error {
+			return identity.CheckValid(&identity.Stored{Creds: a.renewer.Current()}, a.cfg.Now())
+		},
+		Dial: a.dialSession,
+		DialFailed: func(ctx context.Context, err error) error {
+			return a.diagnose(ctx, err)
+		},
+		Up: func(s *session) {
+			a.log.Info("connected to the gateway", "gateway", a.addr, "session", s.gatewaySession,
+				"local", s.sess.LocalAddr().String(), "cert_expires", s.leaf.NotAfter.UTC().Format(time.RFC3339))
+		},
+		Switched: func(ctx context.Context, old, next *session) {
+			a.log.Info("moved to a new session with the renewed certificate",
+				"session", next.gatewaySession, "previous", old.gatewaySession,
+				"cert_expires", next.leaf.NotAfter.UTC().Format(time.RFC3339), "draining_streams", old.streams.Active())
+			a.drains.Add(1)
+			go func() {
+				defer a.drains.Done()
+				a.drain(ctx, old)
+			}()
+		},
+		SwitchFailed: func(err error) {
+			a.log.Warn("could not open a session with the renewed certificate; the current session keeps serving",
+				"err", err, "gateway", a.addr)
+		},
+		Down: func(s *session, cause error) {
+			if errors.Is(cause, context.Canceled) && a.cfg.GracePeriod > 0 && s.streams.Active() > 0 {
+				a.log.Info("stopping: letting streams in flight finish", "streams", s.streams.Active(), "grace_period", a.cfg.GracePeriod)
+				if err := s.sess.GoAway(); err != nil {
 					a.log.Debug("go-away failed", "err", err)
 				}
-				a.waitGrace(cur)
+				a.waitGrace(s)
 			}
-			cur.close()
-			return ctx.Err()
-		case <-cur.sess.Done():
-			cur.close()
-			return fmt.Errorf("session %s closed: %w", cur.gatewaySession, cur.sess.Err())
-		case creds := <-a.renewer.Updates():
-			if creds.Chain[0].Equal(cur.leaf) {
-				continue // this session already uses it
-			}
-			retrySwitch = nil
-			if next := a.switchSession(ctx, cur); next != nil {
-				cur = next
-				switchBackoff.Reset()
-			} else {
-				retrySwitch = a.cfg.After(switchBackoff.Next())
-			}
-		case <-a.announce:
-			a.announceResources(ctx, cur)
-		case <-retrySwitch:
-			retrySwitch = nil
-			if next := a.switchSession(ctx, cur); next != nil {
-				cur = next
-				switchBackoff.Reset()
-			} else {
-				retrySwitch = a.cfg.After(switchBackoff.Next())
-			}
-		}
+			s.close()
+		},
+		Retrying: func(err error, wait time.Duration) {
+			a.cfg.Stats.Reconnects.Add(1)
+			a.log.Warn(fmt.Sprintf("no session to the gateway; reconnecting in %s", wait.Round(time.Millisecond)),
+				"reason", err, "gateway", a.addr)
+		},
+		Renewed: a.renewer.Updates(),
+		Poke:    a.announce,
+		Poked:   a.announceResources,
+		Backoff: a.cfg.Reconnect,
+		After:   a.cfg.After,
 	}
 }
 
@@ -395,6 +404,7 @@ func (a *agent) watchExpose(ctx context.Context) {
 		next := newExposure(m)
 		a.exposed.Store(next)
 		a.log.Info("now exposing a new list of resources", "resources", next.names, "previous", cur.names)
+		a.saveStoredConfig(next.targets)
 		select {
 		case a.announce <- struct{}{}:
 		default: // an announcement is already pending; it will send the newest list
@@ -412,6 +422,15 @@ func (a *agent) announceResources(ctx context.Context, s *session) {
 	ctl, err := s.sess.OpenControl(ctx)
 	if err == nil {
 		err = ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: names})
+		if err == nil {
+			// The gateway answers with the resources it refuses; an older one closes instead.
+			stop := context.AfterFunc(ctx, func() { ctl.Stream().SetReadDeadline(time.Unix(1, 0)) })
+			var ack tunnel.Hello
+			if ctl.Recv(&ack) == nil {
+				logRefused(a.log.With("session", s.gatewaySession), ack.Refused)
+			}
+			stop()
+		}
 		ctl.Close()
 	}
 	if err != nil {
@@ -419,27 +438,6 @@ func (a *agent) announceResources(ctx context.Context, s *session) {
 		return
 	}
 	a.log.Info("told the gateway the new list of resources", "resources", names, "session", s.gatewaySession)
-}
-
-// switchSession opens a session with the newest certificate and, once the
-// gateway has acknowledged its hello (so it routes new streams there), lets
-// old drain in the background. It returns nil, keeping old, on failure.
-func (a *agent) switchSession(ctx context.Context, old *session) *session {
-	next, err := a.dialSession(ctx)
-	if err != nil {
-		a.log.Warn("could not open a session with the renewed certificate; the current session keeps serving",
-			"err", err, "gateway", a.addr)
-		return nil
-	}
-	a.log.Info("moved to a new session with the renewed certificate",
-		"session", next.gatewaySession, "previous", old.gatewaySession,
-		"cert_expires", next.leaf.NotAfter.UTC().Format(time.RFC3339), "draining_streams", old.streams.Active())
-	a.drains.Add(1)
-	go func() {
-		defer a.drains.Done()
-		a.drain(ctx, old)
-	}()
-	return next
 }
 
 // drain stops new streams on s and closes it once its streams have ended,
@@ -520,19 +518,20 @@ func (a *agent) waitGrace(s *session) {
 	}
 }
 
-// diagnose is called when a session could not be established. A gateway
+// diagnose is called when a session could not be established; it returns a
+// terminal error (revoked, expired) or nil. A gateway
 // refuses a revoked or expired certificate with a bare TLS alert, which
 // tunnel reports as a closed session; renewing tells why: the CA answers
 // "revoked" in words. At most once every 10 s, so a gateway that is merely
 // restarting is not asked to renew on every attempt.
-func (a *agent) diagnose(ctx context.Context, dialErr error, fail context.CancelCauseFunc) {
+func (a *agent) diagnose(ctx context.Context, dialErr error) error {
 	var se *sessionError
 	if !errors.As(dialErr, &se) || se.stage == stageTCP {
-		return // the gateway is unreachable: nothing to learn from the CA (it is the gateway)
+		return nil // the gateway is unreachable: nothing to learn from the CA (it is the gateway)
 	}
 	now := a.cfg.Now()
 	if !a.lastDiagnose.IsZero() && now.Sub(a.lastDiagnose) < 10*time.Second {
-		return
+		return nil
 	}
 	a.lastDiagnose = now
 	a.log.Info("the gateway refused the session; asking the CA about the certificate", "err", dialErr)
@@ -541,8 +540,9 @@ func (a *agent) diagnose(ctx context.Context, dialErr error, fail context.Cancel
 	case err == nil:
 		a.log.Info("the certificate was renewed; retrying with it")
 	case errors.Is(err, identity.ErrRevoked), errors.Is(err, identity.ErrExpired):
-		fail(err)
+		return err
 	default:
 		a.log.Debug("certificate check did not conclude", "err", err)
 	}
+	return nil
 }

@@ -89,6 +89,7 @@ func (a *agent) dialSession(ctx context.Context) (*session, error) {
 	sctx, scancel := context.WithCancel(context.WithoutCancel(ctx))
 	s := &session{sess: ts, ctl: ctl, leaf: leaf, gatewaySession: ack.Instance, cancel: scancel}
 	log := a.log.With("session", s.gatewaySession)
+	logRefused(log, ack.Refused)
 	a.cfg.Stats.Connects.Add(1)
 	a.cfg.Stats.SessionsUp.Add(1)
 	s.wg.Add(3)
@@ -115,6 +116,14 @@ func (a *agent) dialSession(ctx context.Context) (*session, error) {
 		}
 	}()
 	return s, nil
+}
+
+// logRefused logs, one line each, the resources the gateway refused to route to this agent
+// (not granted to its name); the gateway's sentence names the command that allows them.
+func logRefused(log *slog.Logger, refused []tunnel.Refusal) {
+	for _, r := range refused {
+		log.Warn(r.Reason, "resource", r.Resource)
+	}
 }
 
 // hello opens the control stream, sends the agent's hello and waits for the
@@ -203,7 +212,11 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 		return
 	}
 	log.Debug("stream opened", "target", target)
-	toTarget, fromTarget, err := tunnel.Relay(ctx, st, conn)
+	// A stream that dies (the gateway or its session gone, the agent
+	// stopping) resets the resource's connection instead of ending it with
+	// FIN, so the resource cannot take a cut request for a complete one.
+	toTarget, fromTarget, err := tunnel.Relay(ctx, st, closed.Held(conn))
+	closed.End(conn, err)
 	a.cfg.Stats.StreamsOK.Add(1)
 	a.cfg.Stats.BytesToResource.Add(toTarget)
 	a.cfg.Stats.BytesFromResource.Add(fromTarget)
@@ -246,3 +259,8 @@ func dialReason(err error, timeout time.Duration) string {
 	}
 	return "connection failed"
 }
+
+// Done, Err and Cert make a session a keeper.Session.
+func (s *session) Done() <-chan struct{}   { return s.sess.Done() }
+func (s *session) Err() error              { return s.sess.Err() }
+func (s *session) Cert() *x509.Certificate { return s.leaf }

@@ -51,7 +51,7 @@ pids+=($!)
 wait_for "$DIR/target.log" 'listening'
 
 echo "== 3. agent: one-time token, enroll, dial out"
-AGENT_TOKEN=$("$BIN" token create agent demo-agent --data-dir "$DIR/gateway")
+AGENT_TOKEN=$("$BIN" token create agent demo-agent --resources web --data-dir "$DIR/gateway")
 "$BIN" agent --token "$AGENT_TOKEN" --data-dir "$DIR/agent" --expose "web=127.0.0.1:$TARGET_PORT" >"$DIR/agent.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 300); do

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/wicketgw/wicket/ca"
@@ -25,6 +26,35 @@ type TokenRequest struct {
 	// ACME asks, for an agent, for an ACME enrollment credential (an External Account
 	// Binding key bound to the name) instead of a JWT bootstrap token.
 	ACME bool `json:"acme,omitempty"`
+	// Resources, for an agent, are granted to the name when the token is minted (merged
+	// with its existing grant). Without them the agent serves nothing until an
+	// administrator allows resources (GrantsFileName).
+	Resources []string `json:"resources,omitempty"`
+}
+
+// GrantRequest is the body of POST /v1/agents/{name}/grants: resources to allow, or with
+// Disallow, to withdraw.
+type GrantRequest struct {
+	Resources []string `json:"resources"`
+	Disallow  bool     `json:"disallow,omitempty"`
+}
+
+// GrantResult is the answer of POST /v1/agents/{name}/grants: the agent's grant after it.
+type GrantResult struct {
+	Agent   string   `json:"agent"`
+	Allowed []string `json:"allowed"`
+	Changed bool     `json:"changed"`
+}
+
+// actorKey carries, in an admin request's context, who is on the other end of the socket.
+type actorKey struct{}
+
+// actor names who sent an admin request: the local user, from the socket's peer credentials.
+func actor(r *http.Request) string {
+	if a, ok := r.Context().Value(actorKey{}).(string); ok {
+		return a
+	}
+	return "admin.sock"
 }
 
 // TokenResponse is the answer of POST /v1/tokens.
@@ -56,6 +86,7 @@ func (g *Gateway) adminHandler() http.Handler {
 		g.adminRevoke(w, r, ca.RoleAgent)
 	})
 	mux.HandleFunc("DELETE /v1/agents/{name}", g.adminForget)
+	mux.HandleFunc("POST /v1/agents/{name}/grants", g.adminGrant)
 	mux.HandleFunc("POST /v1/users/{name}/revoke", func(w http.ResponseWriter, r *http.Request) {
 		g.adminRevoke(w, r, ca.RoleUser)
 	})
@@ -129,6 +160,17 @@ func (g *Gateway) adminToken(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "--acme enrollment credentials are for agents only")
 		return
 	}
+	if len(req.Resources) > 0 && role != ca.RoleAgent {
+		writeError(w, http.StatusBadRequest, "--resources are granted to agents only")
+		return
+	}
+	if err := validNames(req.Resources); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if role == ca.RoleAgent {
+		extra["resources"] = strings.Join(normalize(req.Resources), ",")
+	}
 	// A token exists for its holder only once it is returned, and it is returned only
 	// after its token.created record is written: asked first so that, while the log is
 	// known to be down, no ACME credential is even stored.
@@ -161,8 +203,88 @@ func (g *Gateway) adminToken(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusServiceUnavailable, g.tokenRefusal())
 		return
 	}
+	if len(req.Resources) > 0 {
+		// The grant is recorded before the token is returned: an agent never holds a
+		// certificate for resources its grant does not name yet.
+		if _, err := g.changeGrant(actor(r), "token create", req.Name, req.Resources, true); err != nil {
+			writeError(w, http.StatusInternalServerError, "could not record the grant, the token was dropped: "+err.Error())
+			return
+		}
+	}
 	g.log.Info("token created", "identity", id.String(), "ttl", effectiveTTL(ttl).String())
 	writeJSON(w, http.StatusOK, TokenResponse{Token: tok})
+}
+
+// validNames checks a list of resource names from an admin request.
+func validNames(resources []string) error {
+	for _, r := range resources {
+		if err := ca.ValidName(r); err != nil {
+			return fmt.Errorf("resource name %q is not valid: %v", r, err)
+		}
+	}
+	return nil
+}
+
+// adminGrant allows or disallows resources for an agent name (`wicket agents allow|disallow`).
+func (g *Gateway) adminGrant(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if err := ca.ValidName(name); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("agent name %q is not valid: %v", name, err))
+		return
+	}
+	var req GrantRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxAdminBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "the grant request is not valid JSON: "+err.Error())
+		return
+	}
+	if len(req.Resources) == 0 {
+		writeError(w, http.StatusBadRequest, "name at least one resource: --resources a,b")
+		return
+	}
+	if err := validNames(req.Resources); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	action := "allow"
+	if req.Disallow {
+		action = "disallow"
+	}
+	res, err := g.changeGrant(actor(r), action, name, req.Resources, !req.Disallow)
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, fmt.Sprintf("could not change the grant of agent %s: %v", name, err))
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// changeGrant changes the grant of agent name, saves it, audits grant.changed when it
+// changed, and applies it to the agent's live sessions at once.
+func (g *Gateway) changeGrant(who, action, name string, resources []string, allow bool) (GrantResult, error) {
+	after, changed, err := g.grants.change(name, resources, allow)
+	if err != nil {
+		g.log.Error("could not save the resource grants", "file", GrantsFileName, "agent", name, "err", err)
+		return GrantResult{}, err
+	}
+	res := GrantResult{Agent: name, Allowed: after, Changed: changed}
+	if res.Allowed == nil {
+		res.Allowed = []string{}
+	}
+	if !changed {
+		return res, nil
+	}
+	g.log.Info("resource grant changed", "agent", name, "action", action, "resources", normalize(resources),
+		"allowed", after, "actor", who)
+	g.record(audit.Record{Type: audit.TypeGrantChanged, Agent: name, Outcome: audit.OutcomeOK,
+		Extra: map[string]string{"actor": who, "action": action, "resources": strings.Join(normalize(resources), ","),
+			"allowed": strings.Join(after, ",")}})
+	for _, gr := range g.registry.regrant(name) {
+		log := g.log.With("agent", name, "remote", gr.as.remote, "session", gr.as.id)
+		g.claimsRefused(log, gr.as.peer.ident, gr.as.peer, gr.refused, "the grant was withdrawn by "+who)
+	}
+	g.agentsChanged()
+	return res, nil
 }
 
 func effectiveTTL(d time.Duration) time.Duration {

@@ -65,15 +65,34 @@ func NewAdminClient(dataDir string) *AdminClient {
 // Close releases idle connections.
 func (c *AdminClient) Close() { c.hc.CloseIdleConnections() }
 
-// CreateToken mints a one-time enrollment token for role/name; ttl 0 means 15 minutes.
-func (c *AdminClient) CreateToken(ctx context.Context, role ca.Role, name string, ttl time.Duration) (string, error) {
-	return c.token(ctx, TokenRequest{Role: string(role), Name: name}, ttl)
+// CreateToken mints a one-time enrollment token for role/name; ttl 0 means 15 minutes. For
+// an agent, resources are granted to the name (merged with its grant) before the token is
+// returned; without them the agent serves nothing until they are allowed.
+func (c *AdminClient) CreateToken(ctx context.Context, role ca.Role, name string, ttl time.Duration, resources ...string) (string, error) {
+	return c.token(ctx, TokenRequest{Role: string(role), Name: name, Resources: resources}, ttl)
 }
 
 // CreateACMECredential creates a one-time ACME enrollment credential (an EAB key bound
-// to agent name, the gateway URL and root fingerprint); ttl 0 means 15 minutes.
-func (c *AdminClient) CreateACMECredential(ctx context.Context, name string, ttl time.Duration) (string, error) {
-	return c.token(ctx, TokenRequest{Role: string(ca.RoleAgent), Name: name, ACME: true}, ttl)
+// to agent name, the gateway URL and root fingerprint); ttl 0 means 15 minutes. resources
+// are granted as with CreateToken.
+func (c *AdminClient) CreateACMECredential(ctx context.Context, name string, ttl time.Duration, resources ...string) (string, error) {
+	return c.token(ctx, TokenRequest{Role: string(ca.RoleAgent), Name: name, ACME: true, Resources: resources}, ttl)
+}
+
+// AllowResources grants resources to agent name, effective at once for its live sessions.
+func (c *AdminClient) AllowResources(ctx context.Context, name string, resources []string) (GrantResult, error) {
+	var out GrantResult
+	err := c.do(ctx, http.MethodPost, "/v1/agents/"+url.PathEscape(name)+"/grants", GrantRequest{Resources: resources}, &out)
+	return out, err
+}
+
+// DisallowResources withdraws resources from agent name: they are no longer routed to it
+// (streams open now keep running).
+func (c *AdminClient) DisallowResources(ctx context.Context, name string, resources []string) (GrantResult, error) {
+	var out GrantResult
+	err := c.do(ctx, http.MethodPost, "/v1/agents/"+url.PathEscape(name)+"/grants",
+		GrantRequest{Resources: resources, Disallow: true}, &out)
+	return out, err
 }
 
 func (c *AdminClient) token(ctx context.Context, req TokenRequest, ttl time.Duration) (string, error) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/wicketgw/wicket/ca"
@@ -91,7 +92,7 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 	}
 	as := &agentSession{
 		id: p.id, name: ident.Name, instance: hello.Instance, version: hello.Version,
-		resources: g.validResources(log, hello.Resources), remote: remote,
+		announced: g.validResources(log, hello.Resources), remote: remote,
 		since: p.since, expires: p.notAfter, sess: p.sess, peer: p,
 	}
 	notify := func(reason string) {
@@ -99,21 +100,28 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 		_ = ctl.Send(Closing{Closing: reason})
 	}
 	p.notify.Store(&notify)
-	g.registry.add(as)
+	newlyRefused := g.registry.add(as)
 	g.agentsChanged()
 	g.counters.agentSessions.Add(1)
-	if err := ctl.Send(tunnel.Hello{Name: gatewayID, Instance: p.id, Version: g.cfg.Version}); err != nil {
+	g.claimsRefused(log, ident, p, newlyRefused, "")
+	ack := tunnel.Hello{Name: gatewayID, Instance: p.id, Version: g.cfg.Version,
+		Refused: refusals(ident.Name, g.registry.refusedOf(as))}
+	if err := ctl.Send(ack); err != nil {
 		g.registry.remove(as, g.clock.Now())
 		log.Warn("could not acknowledge the agent hello", "err", err)
 		_ = st.Close()
 		g.stopPeer(p)
 		return
 	}
-	log.Info("agent connected", "resources", as.resources, "version", as.version, "instance", as.instance,
+	served := g.registry.servedOf(as)
+	log.Info("agent connected", "resources", served, "version", as.version, "instance", as.instance,
 		"cert_expires", p.notAfter.UTC().Format(time.RFC3339))
 	r := audit.Record{Type: audit.TypeAgentConnected, Remote: remote, SessionID: p.id, Serial: p.serial,
 		TLSVersion: p.tlsVer, Cipher: p.cipher,
-		Extra: map[string]string{"resources": fmt.Sprint(as.resources), "version": as.version, "instance": as.instance}}
+		Extra: map[string]string{"resources": fmt.Sprint(served), "version": as.version, "instance": as.instance}}
+	if len(ack.Refused) > 0 {
+		r.Extra["refused"] = fmt.Sprint(g.registry.refusedOf(as))
+	}
 	setIdentity(&r, ident)
 	g.record(r)
 	g.goFunc(func() { g.agentLoop(log, ident, p, as, st) })
@@ -199,14 +207,94 @@ func (g *Gateway) agentStream(log *slog.Logger, ident ca.Identity, p *peer, as *
 		log.Warn("agent opened a control stream but sent no hello on it", "err", err)
 		return
 	}
-	resources := g.validResources(log, h.Resources)
-	g.registry.update(as, resources, h.Version)
+	newlyRefused := g.registry.update(as, g.validResources(log, h.Resources), h.Version)
 	g.agentsChanged()
-	log.Info("agent updated its resources", "resources", resources, "version", h.Version)
+	g.claimsRefused(log, ident, p, newlyRefused, "")
+	served, refused := g.registry.servedOf(as), g.registry.refusedOf(as)
+	// The answer carries the refusals; an agent that does not read it loses only those.
+	_ = st.Control().Send(tunnel.Hello{Refused: refusals(ident.Name, refused)})
+	log.Info("agent updated its resources", "resources", served, "refused", refused, "version", h.Version)
 	r := audit.Record{Type: audit.TypeAgentUpdated, Remote: as.remote, SessionID: p.id, Serial: p.serial,
-		Extra: map[string]string{"resources": fmt.Sprint(resources), "version": h.Version}}
+		Extra: map[string]string{"resources": fmt.Sprint(served), "version": h.Version}}
+	if len(refused) > 0 {
+		r.Extra["refused"] = fmt.Sprint(refused)
+	}
 	setIdentity(&r, ident)
 	g.record(r)
+}
+
+// refusals builds the Hello's list of refused resources for agent.
+func refusals(agent string, refused []string) []tunnel.Refusal {
+	var out []tunnel.Refusal
+	for _, r := range refused {
+		out = append(out, tunnel.Refusal{Resource: r, Reason: claimRefusal(agent, r)})
+	}
+	return out
+}
+
+// claimAuditEvery bounds the agent.claim_refused records of one agent name and resource
+// across sessions: an agent that reconnects in a loop gets one record per claimAuditEvery,
+// the next one counting the refusals in between ("suppressed"). Every refusal is counted in
+// the metrics and each session's first one for a resource is logged.
+const claimAuditEvery = time.Minute
+
+// claimLimiter remembers, per agent name and resource, when the last agent.claim_refused
+// record was written and how many were suppressed since.
+type claimLimiter struct {
+	mu   sync.Mutex
+	last map[[2]string]claimSeen
+}
+
+type claimSeen struct {
+	at         time.Time
+	suppressed int
+}
+
+// admit says whether to write a record now and how many refusals it must say were
+// suppressed before it.
+func (c *claimLimiter) admit(agent, resource string, now time.Time) (bool, int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.last == nil {
+		c.last = map[[2]string]claimSeen{}
+	}
+	k := [2]string{agent, resource}
+	seen, ok := c.last[k]
+	if ok && now.Sub(seen.at) < claimAuditEvery {
+		seen.suppressed++
+		c.last[k] = seen
+		return false, 0
+	}
+	if len(c.last) > 4096 { // bounded: forget them all rather than grow
+		clear(c.last)
+	}
+	c.last[k] = claimSeen{at: now}
+	return true, seen.suppressed
+}
+
+// claimsRefused logs, counts and audits the refused resources of one agent session (each
+// session and resource once; see claimAuditEvery). why is "" for an announcement, or says
+// which grant change refused it.
+func (g *Gateway) claimsRefused(log *slog.Logger, ident ca.Identity, p *peer, resources []string, why string) {
+	for _, res := range resources {
+		g.counters.claimsRefused.Add(1)
+		sentence := claimRefusal(ident.Name, res)
+		if why != "" {
+			sentence = why + ": " + sentence
+		}
+		log.Warn("refused an agent's claim to a resource not granted to it", "resource", res, "reason", sentence)
+		ok, suppressed := g.claimLimit.admit(ident.Name, res, g.clock.Now())
+		if !ok {
+			continue
+		}
+		r := audit.Record{Type: audit.TypeAgentClaimRefused, Resource: res, Remote: p.remote, SessionID: p.id,
+			Serial: p.serial, Outcome: audit.OutcomeDenied, Reason: sentence}
+		if suppressed > 0 {
+			r.Extra = map[string]string{"suppressed": fmt.Sprint(suppressed)}
+		}
+		setIdentity(&r, ident)
+		g.record(r)
+	}
 }
 
 // agentHello accepts the agent's control stream and reads its hello.

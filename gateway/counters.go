@@ -24,6 +24,9 @@ type Counters struct {
 	// SessionsClosedRevoked and SessionsClosedExpired count live sessions the gateway closed
 	// because their peer certificate was revoked or expired.
 	SessionsClosedRevoked, SessionsClosedExpired int64
+	// ClaimsRefused counts resources agents announced that are not granted to their name
+	// (once per session and resource).
+	ClaimsRefused int64
 }
 
 type counters struct {
@@ -33,6 +36,7 @@ type counters struct {
 	bytesUp, bytesDown atomic.Int64
 	closedRevoked      atomic.Int64
 	closedExpired      atomic.Int64
+	claimsRefused      atomic.Int64
 	mu                 sync.Mutex
 	refused            map[string]int64
 	streams            map[string]int64
@@ -73,6 +77,7 @@ func (c *counters) snapshot() Counters {
 		BytesDown:             c.bytesDown.Load(),
 		SessionsClosedRevoked: c.closedRevoked.Load(),
 		SessionsClosedExpired: c.closedExpired.Load(),
+		ClaimsRefused:         c.claimsRefused.Load(),
 	}
 }
 

@@ -26,6 +26,33 @@
 //   - The last known state of every agent survives a restart in <data-dir>/agents.json
 //     (AgentsFileName), and the audit log's head is logged as an anchor (logAuditAnchor).
 //
+// # Resource ownership
+//
+// Which agent names may serve which resources is decided at the gateway by an administrator,
+// never by what an agent announces: holding an agent certificate must not let anyone capture
+// the users of another agent's resource. The grants live in <data-dir>/grants.json
+// (GrantsFileName; 0600, written atomically), keyed by agent name (the name in the agent's
+// certificate), each value the list of resource names granted to it (grants.go):
+//
+//   - bound when the token is minted: `wicket token create agent NAME --resources a,b` adds a
+//     and b to NAME's grant before the token is returned; without --resources the agent is
+//     granted nothing and serves nothing (default deny);
+//   - changed later through the admin socket without re-enrolling, `wicket agents allow|disallow
+//     NAME --resources R` (audited grant.changed with the actor, the local user on the other end
+//     of the socket by its peer credentials); a change applies to live sessions at once (a
+//     disallowed resource gets no new streams; streams open now run on);
+//   - each resource an agent's Hello (first or later) announces that is not granted to its
+//     name is refused for that resource only (the others are served): it is not routed to
+//     that session, it is counted (ClaimsRefused, wicket_agent_claims_refused_total), audited
+//     as agent.claim_refused once per session and resource and at most once per
+//     claimAuditEvery per agent name and resource across sessions, and sent back in the
+//     gateway's Hello (tunnel.Hello.Refused) with the sentence the agent logs, which names
+//     the command to run. Sessions of the same agent name share a granted resource,
+//     round-robin, as before;
+//   - an upgrade: a data dir without grants.json gets one at start, granting each agent known
+//     from AgentsFileName the resources it was last seen serving, audited as one
+//     grants.migrated record (migrateGrants). An agent with no recorded resources gets nothing.
+//
 // # When the audit log cannot be written
 //
 // Audit is part of access (DESIGN.md, "Failing closed"): the record of every access-creating
@@ -146,6 +173,10 @@ type Gateway struct {
 	admin   *http.Server
 
 	registry *Registry
+	// grants says which agent names may serve which resources (grants.go).
+	grants *grantStore
+	// claimLimit bounds the agent.claim_refused records across sessions (claimAuditEvery).
+	claimLimit claimLimiter
 	// acmeBinds holds agents' ACME validation connections (acmebind.go).
 	acmeBinds acmeBinds
 	peers     *peerIndex
@@ -284,6 +315,16 @@ func New(ctx context.Context, cfg Config) (_ *Gateway, err error) {
 	}
 	g.serverTLS = g.newServerTLS()
 	g.loadAgents()
+	var grantsExist bool
+	if g.grants, grantsExist, err = loadGrants(cfg.DataDir); err != nil {
+		return nil, err
+	}
+	g.registry.allowed = g.grants.allowed
+	if !grantsExist {
+		if err := g.migrateGrants(); err != nil {
+			return nil, err
+		}
+	}
 
 	if cfg.PolicyFile != "" {
 		g.policy, err = policy.NewWatcher(g.bgCtx, policy.WatchConfig{
@@ -319,7 +360,10 @@ func New(ctx context.Context, cfg Config) (_ *Gateway, err error) {
 		BaseContext:       func(net.Listener) context.Context { return g.bgCtx },
 	}
 	g.admin = &http.Server{
-		Handler:           g.adminHandler(),
+		Handler: g.adminHandler(),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, actorKey{}, peerActor(c))
+		},
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(g.log.With("component", "admin").Handler(), slog.LevelDebug),
 	}

@@ -153,6 +153,9 @@ func TestAgentOpenedStreams(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	if _, _, err := tg.grants.change("db1", []string{"web"}, true); err != nil {
+		t.Fatal(err)
+	}
 	ctl, err := agent.sess.OpenControl(ctx)
 	if err != nil {
 		t.Fatalf("second control stream: %v", err)

@@ -288,8 +288,27 @@ type fakeAgent struct {
 	cancel   context.CancelFunc
 }
 
-// connectAgent dials on the agent ALPN, sends the hello and waits for the gateway's.
+// connectAgent grants the agent's name the resources it exposes (as `wicket token create
+// agent NAME --resources` would) and connects it (connectAgentAs).
 func (tg *testGateway) connectAgent(creds *ca.Credentials, instance string, expose map[string]string) (*fakeAgent, error) {
+	id, _ := creds.Identity()
+	var res []string
+	for r := range expose {
+		if ca.ValidName(r) == nil {
+			res = append(res, r)
+		}
+	}
+	if len(res) > 0 {
+		if _, _, err := tg.grants.change(id.Name, res, true); err != nil {
+			return nil, err
+		}
+	}
+	return tg.connectAgentAs(creds, instance, expose)
+}
+
+// connectAgentAs dials on the agent ALPN, sends the hello and waits for the gateway's,
+// without granting anything.
+func (tg *testGateway) connectAgentAs(creds *ca.Credentials, instance string, expose map[string]string) (*fakeAgent, error) {
 	sess, err := tg.dial(tunnel.ALPNAgent, creds)
 	if err != nil {
 		return nil, err

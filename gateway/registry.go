@@ -15,9 +15,15 @@ type AgentInfo struct {
 	Name string `json:"name"`
 	// Status is "online" while at least one session is up, else "offline".
 	Status string `json:"status"`
-	// Resources are the resource names the agent exposes (union over its live sessions; the
-	// last known set when offline).
+	// Resources are the resource names the agent serves: announced and granted to its name
+	// (union over its live sessions; the last known set when offline).
 	Resources []string `json:"resources"`
+	// Allowed are the resource names granted to the agent name (GrantsFileName), whether
+	// it announces them or not.
+	Allowed []string `json:"allowed"`
+	// Refused are the resource names its live sessions announce that are not granted to
+	// it: they are not routed to this agent (empty when offline).
+	Refused []string `json:"refused"`
 	// Version is the agent version from its newest session's hello.
 	Version string `json:"version"`
 	// Remote is the remote address of the newest session.
@@ -39,12 +45,17 @@ type agentSession struct {
 	name      string
 	instance  string
 	version   string
-	resources []string
-	remote    string
-	since     time.Time
-	expires   time.Time
-	sess      *tunnel.Session
-	peer      *peer
+	announced []string // valid names from its latest hello
+	resources []string // announced and granted: what it is routed (the registry's lock)
+	refused   []string // announced and not granted (the registry's lock)
+	// claimAudited are the refused resources whose agent.claim_refused record this session
+	// has written (once per session and resource).
+	claimAudited map[string]bool
+	remote       string
+	since        time.Time
+	expires      time.Time
+	sess         *tunnel.Session
+	peer         *peer
 }
 
 type agentRecord struct {
@@ -65,6 +76,9 @@ type Registry struct {
 	mu     sync.Mutex
 	agents map[string]*agentRecord
 	rr     map[string]uint64 // per resource
+	// allowed returns the resources granted to an agent name; nil grants nothing. It is
+	// called with mu held.
+	allowed func(name string) []string
 }
 
 // NewRegistry returns an empty registry.
@@ -72,9 +86,32 @@ func NewRegistry() *Registry {
 	return &Registry{agents: map[string]*agentRecord{}, rr: map[string]uint64{}}
 }
 
-func (r *Registry) add(as *agentSession) {
+// grantedLocked splits as.announced by the current grants into as.resources and as.refused,
+// and returns the refused resources not yet audited for this session.
+func (r *Registry) grantedLocked(as *agentSession) (newlyRefused []string) {
+	var allowed []string
+	if r.allowed != nil {
+		allowed = r.allowed(as.name)
+	}
+	as.resources, as.refused = split(as.announced, allowed)
+	for _, x := range as.refused {
+		if !as.claimAudited[x] {
+			if as.claimAudited == nil {
+				as.claimAudited = map[string]bool{}
+			}
+			as.claimAudited[x] = true
+			newlyRefused = append(newlyRefused, x)
+		}
+	}
+	return newlyRefused
+}
+
+// add registers a session, routing only the announced resources granted to its name. It
+// returns the refused ones not yet audited for the session.
+func (r *Registry) add(as *agentSession) (newlyRefused []string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	newlyRefused = r.grantedLocked(as)
 	rec := r.agents[as.name]
 	if rec == nil {
 		rec = &agentRecord{}
@@ -85,19 +122,66 @@ func (r *Registry) add(as *agentSession) {
 	}
 	rec.sessions = append(rec.sessions, as)
 	rec.resources, rec.version, rec.remote, rec.expires = as.resources, as.version, as.remote, as.expires
+	return newlyRefused
 }
 
-// update replaces the resources and version of a live session (a later hello).
-func (r *Registry) update(as *agentSession, resources []string, version string) {
+// update replaces the announced resources and version of a live session (a later hello). It
+// returns the refused resources not yet audited for the session.
+func (r *Registry) update(as *agentSession, announced []string, version string) (newlyRefused []string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	as.resources = resources
+	as.announced = announced
+	newlyRefused = r.grantedLocked(as)
 	if version != "" {
 		as.version = version
 	}
 	if rec := r.agents[as.name]; rec != nil {
-		rec.resources, rec.version = resources, as.version
+		rec.resources, rec.version = as.resources, as.version
 	}
+	return newlyRefused
+}
+
+// grantRefusal is a live session's resources that a grant change left refused and that
+// the session had not yet had audited.
+type grantRefusal struct {
+	as      *agentSession
+	refused []string
+}
+
+// servedOf returns the resources routed to as.
+func (r *Registry) servedOf(as *agentSession) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(as.resources)
+}
+
+// refusedOf returns the resources as announces that are not routed to it.
+func (r *Registry) refusedOf(as *agentSession) []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(as.refused)
+}
+
+// regrant applies a changed grant of agent name to its live sessions: a newly allowed
+// resource is routed at once, a disallowed one is no longer routed (streams open now keep
+// running). It returns, per session, the refusals not yet audited.
+func (r *Registry) regrant(name string) []grantRefusal {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rec := r.agents[name]
+	if rec == nil {
+		return nil
+	}
+	var out []grantRefusal
+	for _, as := range rec.sessions {
+		if n := r.grantedLocked(as); len(n) > 0 {
+			out = append(out, grantRefusal{as: as, refused: n})
+		}
+	}
+	if len(rec.sessions) > 0 {
+		rec.resources = rec.sessions[len(rec.sessions)-1].resources
+	}
+	return out
 }
 
 func (r *Registry) remove(as *agentSession, now time.Time) {
@@ -174,7 +258,7 @@ func (r *Registry) List() []AgentInfo {
 			ai.Status = "online"
 			ai.Sessions = len(rec.sessions)
 			instances := map[string]bool{}
-			var res []string
+			var res, refused []string
 			for _, as := range rec.sessions {
 				key := as.instance
 				if key == "" {
@@ -186,6 +270,11 @@ func (r *Registry) List() []AgentInfo {
 						res = append(res, x)
 					}
 				}
+				for _, x := range as.refused {
+					if !slices.Contains(refused, x) {
+						refused = append(refused, x)
+					}
+				}
 				if as.expires.After(ai.CertExpires) {
 					ai.CertExpires = as.expires
 				}
@@ -193,11 +282,21 @@ func (r *Registry) List() []AgentInfo {
 			newest := rec.sessions[len(rec.sessions)-1]
 			ai.Version, ai.Remote = newest.version, newest.remote
 			sort.Strings(res)
-			ai.Resources = res
+			sort.Strings(refused)
+			ai.Resources, ai.Refused = res, refused
 			ai.Instances = len(instances)
 		}
 		if ai.Resources == nil {
 			ai.Resources = []string{}
+		}
+		if ai.Refused == nil {
+			ai.Refused = []string{}
+		}
+		ai.Allowed = []string{}
+		if r.allowed != nil {
+			if a := r.allowed(name); a != nil {
+				ai.Allowed = a
+			}
 		}
 		out = append(out, ai)
 	}

@@ -288,6 +288,14 @@ func (c *countingConn) Read(b []byte) (int, error) {
 	return n, err
 }
 
+// Reset passes a relay's abnormal end on to the stream (see tunnel.Resetter).
+func (c *countingConn) Reset() error {
+	if r, ok := c.Conn.(tunnel.Resetter); ok {
+		return r.Reset()
+	}
+	return c.Conn.Close()
+}
+
 func (c *countingConn) CloseWrite() error {
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()

@@ -35,7 +35,7 @@ func credentialExpiry(t *testing.T, cred string) time.Time {
 func TestACMEAgent(t *testing.T) {
 	h := NewHarness(t)
 	gw := h.StartGateway(GatewayOptions{Policy: allowAlice})
-	cred := gw.Token("agent", "acme1", "--acme")
+	cred := gw.AgentToken("acme1", []string{"echo"}, "--acme")
 	if !strings.HasPrefix(cred, "wicket-acme-v1.") {
 		t.Fatalf("token create --acme printed %q", cred)
 	}

@@ -161,7 +161,7 @@ func TestRefusals(t *testing.T) {
 	_, aliceEcho := h.Connect(alice, "echo")
 
 	t.Run("token replayed on a second agent", func(t *testing.T) {
-		tok := gw.Token("agent", "twice")
+		tok := gw.AgentToken("twice", []string{"echo"})
 		first := h.StartAgentWith(tok, h.Dir("twice-1"), nil, "echo="+echoServer(t))
 		gw.WaitAgentOnline("twice", "echo")
 		second := h.StartAgentWith(tok, h.Dir("twice-2"), nil, "echo="+echoServer(t))

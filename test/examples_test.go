@@ -147,7 +147,7 @@ func TestExamples(t *testing.T) {
 
 	// The metric names the alerts use must be exported by a real gateway with an agent.
 	gw := h.StartGateway(GatewayOptions{Args: metricsArgs})
-	ag := h.StartAgentWith(gw.Token("agent", "db1"), h.Dir("agent-db1"), metricsArgs, "echo="+echoServer(t))
+	ag := h.StartAgentWith(gw.AgentToken("db1", []string{"echo"}), h.Dir("agent-db1"), metricsArgs, "echo="+echoServer(t))
 	gw.WaitAgentOnline("db1", "echo")
 	// A refused handshake, so that the refusal counter has a series: a client speaking
 	// plain HTTP to the TLS port.

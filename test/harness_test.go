@@ -92,8 +92,32 @@ type Process struct {
 // Start runs wicket with args and env (added to the test's environment).
 func (h *Harness) Start(name string, env []string, args ...string) *Process {
 	h.t.Helper()
+	return h.start(name, env, nil, args)
+}
+
+// StartWithStdin is Start with the process's stdin a pipe the test writes to
+// (and closes, or leaves open).
+func (h *Harness) StartWithStdin(name string, env []string, args ...string) (*Process, io.WriteCloser) {
+	h.t.Helper()
+	var stdin io.WriteCloser
+	p := h.start(name, env, func(cmd *exec.Cmd) {
+		w, err := cmd.StdinPipe()
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		stdin = w
+	}, args)
+	h.t.Cleanup(func() { stdin.Close() })
+	return p, stdin
+}
+
+func (h *Harness) start(name string, env []string, prepare func(*exec.Cmd), args []string) *Process {
+	h.t.Helper()
 	cmd := exec.Command(wicketBin, args...)
 	cmd.Env = append(os.Environ(), env...)
+	if prepare != nil {
+		prepare(cmd)
+	}
 	p := &Process{t: h.t, name: name, cmd: cmd, notify: make(chan struct{}), done: make(chan struct{})}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -288,12 +312,21 @@ func (g *Gateway) Token(role, name string, extra ...string) string {
 	return tok
 }
 
+// AgentToken mints a one-time agent token for name that grants it resources (`wicket
+// token create agent NAME --resources R1,R2`); an agent serves only what its name is granted.
+func (g *Gateway) AgentToken(name string, resources []string, extra ...string) string {
+	g.h.t.Helper()
+	return g.Token("agent", name, append([]string{"--resources", strings.Join(resources, ",")}, extra...)...)
+}
+
 // AgentInfo is one row of `wicket agents list --json`; only the fields the
 // tests read are declared.
 type AgentInfo struct {
 	Name      string   `json:"name"`
 	Status    string   `json:"status"`
 	Resources []string `json:"resources"`
+	Allowed   []string `json:"allowed"`
+	Refused   []string `json:"refused"`
 }
 
 // Agents returns `wicket agents list --json`.
@@ -389,13 +422,17 @@ func (h *Harness) Run(env []string, args ...string) (string, string, error) {
 	return stdout.String(), stderr.String(), err
 }
 
-// StartAgent enrolls a new agent with a fresh token and starts it, exposing
-// the given NAME=HOST:PORT resources. It returns when the gateway lists the
+// StartAgent enrolls a new agent with a fresh token granting the resources it
+// exposes, and starts it, exposing the given NAME=HOST:PORT resources. It returns when the gateway lists the
 // agent online.
 func (h *Harness) StartAgent(g *Gateway, name string, expose ...string) (*Process, string) {
 	h.t.Helper()
 	dir := h.Dir("agent-" + name + "-" + randSuffix())
-	p := h.StartAgentWith(g.Token("agent", name), dir, nil, expose...)
+	var names []string
+	for _, e := range expose {
+		names = append(names, strings.SplitN(e, "=", 2)[0])
+	}
+	p := h.StartAgentWith(g.AgentToken(name, names), dir, nil, expose...)
 	for _, e := range expose {
 		g.WaitAgentOnline(name, strings.SplitN(e, "=", 2)[0])
 	}

@@ -249,7 +249,7 @@ func TestAgentMetrics(t *testing.T) {
 	t.Cleanup(func() { goleak.VerifyNone(t) })
 	h := NewHarness(t)
 	gw := h.StartGateway(GatewayOptions{Policy: allowAlice})
-	ag := h.StartAgentWith(gw.Token("agent", "db1"), h.Dir("agent-db1"), metricsArgs, "echo="+echoServer(t))
+	ag := h.StartAgentWith(gw.AgentToken("db1", []string{"echo"}), h.Dir("agent-db1"), metricsArgs, "echo="+echoServer(t))
 	gw.WaitAgentOnline("db1", "echo")
 	maddr := ag.WaitFor(`msg="metrics listening" addr=(\S+)`)[1]
 

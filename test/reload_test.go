@@ -25,7 +25,7 @@ func TestAgentReloadsExposeOnSIGHUP(t *testing.T) {
 		}
 	}
 	write("expose:\n  - echo=" + echo + "\n")
-	agent := h.StartAgentWith(gw.Token("agent", "db1"), dir, []string{"--config", cfg})
+	agent := h.StartAgentWith(gw.AgentToken("db1", []string{"echo", "web"}), dir, []string{"--config", cfg})
 	gw.WaitAgentOnline("db1", "echo")
 	user := h.Login(gw, "alice")
 	_, echoLocal := h.Connect(user, "echo")

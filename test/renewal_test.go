@@ -13,7 +13,7 @@ func TestRenewalDuringTransfer(t *testing.T) {
 	h := NewHarness(t)
 	gw := h.StartGateway(GatewayOptions{Policy: allowAlice})
 	agentDir := h.Dir("agent-renew")
-	agent := h.StartAgentWith(gw.Token("agent", "renewer"), agentDir, []string{"--renew-period", "2s"}, "echo="+echoServer(t))
+	agent := h.StartAgentWith(gw.AgentToken("renewer", []string{"echo"}), agentDir, []string{"--renew-period", "2s"}, "echo="+echoServer(t))
 	gw.WaitAgentOnline("renewer", "echo")
 	user := h.Login(gw, "alice")
 	conn, local := h.Connect(user, "echo", "--renew-period", "3s")

@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"context"
 	"math/rand/v2"
 	"time"
 )
@@ -10,26 +9,22 @@ import (
 // Max, with full jitter (each delay is uniform in [0, ceiling)), so a fleet of
 // agents that lost the gateway at the same moment does not reconnect in
 // lockstep. The zero value is usable (defaults below). Not safe for
-// concurrent use.
+// concurrent use. Whoever keeps a session calls Reset once a new session is
+// established (agent/internal/keeper does, as soon as the gateway answers), so
+// a gateway restart is rejoined at the Initial delay every time.
 type Backoff struct {
 	// Initial is the first ceiling. Default 500 ms.
 	Initial time.Duration
 	// Max caps the ceiling. Default 30 s.
 	Max time.Duration
-	// ResetAfter: a connection that stayed up at least this long resets the
-	// backoff (Retry does this), so a blip after a day of uptime reconnects
-	// fast. Default 1 min.
-	ResetAfter time.Duration
 	// Rand returns a float in [0, 1); nil means math/rand/v2. Tests inject it.
 	Rand func() float64
-	// Now is the clock Retry measures attempts with; nil means time.Now.
-	Now func() time.Time
 
 	attempt int
 }
 
-func (b *Backoff) defaults() (initial, max, resetAfter time.Duration) {
-	initial, max, resetAfter = b.Initial, b.Max, b.ResetAfter
+func (b *Backoff) defaults() (initial, max time.Duration) {
+	initial, max = b.Initial, b.Max
 	if initial <= 0 {
 		initial = 500 * time.Millisecond
 	}
@@ -39,15 +34,12 @@ func (b *Backoff) defaults() (initial, max, resetAfter time.Duration) {
 	if max < initial {
 		max = initial
 	}
-	if resetAfter <= 0 {
-		resetAfter = time.Minute
-	}
-	return initial, max, resetAfter
+	return initial, max
 }
 
 // Ceiling is the upper bound of the next delay: min(Max, Initial * 2^attempt).
 func (b *Backoff) Ceiling() time.Duration {
-	initial, max, _ := b.defaults()
+	initial, max := b.defaults()
 	c := initial
 	for i := 0; i < b.attempt && c < max; i++ {
 		c *= 2
@@ -71,40 +63,3 @@ func (b *Backoff) Next() time.Duration {
 
 // Reset starts over from Initial.
 func (b *Backoff) Reset() { b.attempt = 0 }
-
-// Retry calls connect until ctx ends. connect should return when its
-// connection ends (nil or an error); Retry then waits b.Next() before calling
-// it again, after resetting b if that attempt lasted at least ResetAfter.
-// onRetry (optional) hears each failure and the wait chosen. after is the
-// timer to wait on (nil means time.After); tests inject one that fires at once.
-// Durations of attempts are measured with b.Now.
-func Retry(ctx context.Context, b *Backoff, after func(time.Duration) <-chan time.Time,
-	connect func(ctx context.Context) error, onRetry func(err error, wait time.Duration)) {
-	if after == nil {
-		after = time.After
-	}
-	_, _, resetAfter := b.defaults()
-	now := b.Now
-	if now == nil {
-		now = time.Now
-	}
-	for ctx.Err() == nil {
-		start := now()
-		err := connect(ctx)
-		if ctx.Err() != nil {
-			return
-		}
-		if now().Sub(start) >= resetAfter {
-			b.Reset()
-		}
-		wait := b.Next()
-		if onRetry != nil {
-			onRetry(err, wait)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-after(wait):
-		}
-	}
-}

@@ -26,6 +26,17 @@ type Hello struct {
 	Version string `json:"version"`
 	// Resources lists the names the agent exposes.
 	Resources []string `json:"resources"`
+	// Refused, in the gateway's reply to an agent's Hello, lists the announced resources
+	// the gateway does not route to that agent (not granted to its name), each with the
+	// sentence to log. Empty in an agent's Hello; older peers ignore it.
+	Refused []Refusal `json:"refused,omitempty"`
+}
+
+// Refusal is one announced resource the gateway refused, and why, in one sentence that
+// names what the gateway's administrator can do about it.
+type Refusal struct {
+	Resource string `json:"resource"`
+	Reason   string `json:"reason"`
 }
 
 // Control frames JSON messages on a KindControl stream: each message is a

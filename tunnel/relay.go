@@ -34,7 +34,10 @@ const halfCloseWriteTimeout = 60 * time.Second
 // anything with CloseWrite() error; a connection without it is closed
 // completely), and the opposite direction keeps flowing. An error in either
 // direction, or ctx ending, closes both connections at once, which unblocks
-// the other direction, so Relay never leaves a goroutine behind.
+// the other direction, so Relay never leaves a goroutine behind. On such an
+// abnormal end a *Stream is Reset rather than closed, so a relay on the far
+// side of the tunnel sees the cut too and passes it on: a transfer cut
+// anywhere on the path never reaches a client as a clean end of file.
 func Relay(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
 	return relay(ctx, a, b, halfCloseWriteTimeout)
 }
@@ -50,9 +53,15 @@ func relay(ctx context.Context, a, b net.Conn, stall time.Duration) (aToB, bToA 
 	bToA = r.copy(a, b)
 	<-done
 	stop()
-	a.Close()
-	b.Close()
-	return aToB, bToA, r.err()
+	err = r.err()
+	if err != nil {
+		endAbnormally(a)
+		endAbnormally(b)
+	} else {
+		a.Close()
+		b.Close()
+	}
+	return aToB, bToA, err
 }
 
 type relayState struct {
@@ -81,9 +90,28 @@ func (r *relayState) abort(err error) {
 	r.aborted = true
 	r.mu.Unlock()
 	if !already {
-		r.a.Close()
-		r.b.Close()
+		endAbnormally(r.a)
+		endAbnormally(r.b)
 	}
+}
+
+// Resetter is a connection that can end abnormally, as *Stream does with
+// Reset. Relay resets such a connection, instead of closing it, when the
+// relay fails; a wrapper around a *Stream implements it to keep that.
+type Resetter interface {
+	Reset() error
+}
+
+// endAbnormally closes c after a failure on either side: a Resetter (a
+// tunnel Stream) is reset, so the far end sees the cut and not a clean end;
+// anything else is closed (a caller that wants a TCP reset passes a
+// connection whose Close only wakes it, and resets it after Relay returns).
+func endAbnormally(c net.Conn) {
+	if r, ok := c.(Resetter); ok {
+		r.Reset()
+		return
+	}
+	c.Close()
 }
 
 func (r *relayState) copy(dst, src net.Conn) int64 {

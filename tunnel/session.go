@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -147,6 +148,7 @@ func checkConn(cs tls.ConnectionState, alpns []string) error {
 type Session struct {
 	ys     *yamux.Session
 	conn   *tls.Conn
+	wc     *frameConn // what yamux writes to; Stream.Reset puts its RST frame here
 	cfg    Config
 	log    *slog.Logger
 	client bool
@@ -190,6 +192,7 @@ func newSession(conn *tls.Conn, cfg Config, client bool) (*Session, error) {
 		headerSlots: make(chan struct{}, maxPendingHeaders),
 	}
 	wc := newFrameConn(conn, cfg.ConnectionWriteTimeout, s.writeTimedOut)
+	s.wc = wc
 	var err error
 	if client {
 		s.ys, err = yamux.Client(wc, cfg.yamuxConfig())
@@ -588,6 +591,9 @@ type frameConn struct {
 	failed   bool      // a write failed: skip close_notify
 	deadline time.Time // the write deadline currently set (used by whoever writes: flusher or direct)
 
+	// frameMu is held by yamux's send goroutine for each Write, so that a frame
+	// written from outside yamux (Reset) goes between whole frames, never inside one.
+	frameMu sync.Mutex
 	// Used only by yamux's send goroutine: a data-frame header waiting for its body.
 	held, heldBuf []byte
 }
@@ -622,6 +628,8 @@ const yamuxHeaderLen = 12
 // Write queues p and returns once all of it is queued, or writes it at once when it is small
 // and nothing is queued (directMax). It is called only by yamux's send goroutine.
 func (c *frameConn) Write(p []byte) (int, error) {
+	c.frameMu.Lock()
+	defer c.frameMu.Unlock()
 	if c.held == nil && len(p) == yamuxHeaderLen && p[1] == 0 /* data */ &&
 		(uint32(p[8])<<24|uint32(p[9])<<16|uint32(p[10])<<8|uint32(p[11])) > 0 {
 		// yamux writes the body next, in the following call: keep the two together.
@@ -651,12 +659,40 @@ func (c *frameConn) Write(p []byte) (int, error) {
 			c.fail(err)
 			return 0, err
 		}
+		c.kick()
 		return len(p), nil
 	}
 	if _, err := c.queue(held); err != nil {
 		return 0, err
 	}
 	return c.queue(p)
+}
+
+// kick starts a flusher for bytes that were queued (by writeReset) while a direct write held
+// the connection. Called with c.mu held.
+func (c *frameConn) kick() {
+	if len(c.buf) > 0 && !c.flushing && c.err == nil {
+		c.flushing = true
+		go c.flush()
+	}
+}
+
+// writeReset queues a yamux RST frame for stream id between two whole frames of yamux's
+// own. yamux v0.1.2 sends RST only from inside (a full backlog, a close that timed out)
+// and has no API for it; the frame layout is yamux's spec.md: version 0, type window
+// update (1), flags RST (8), the stream ID, length 0.
+func (c *frameConn) writeReset(id uint32) error {
+	c.frameMu.Lock()
+	defer c.frameMu.Unlock()
+	hdr := [yamuxHeaderLen]byte{0, 1, 0, 8}
+	binary.BigEndian.PutUint32(hdr[4:8], id)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return c.err
+	}
+	_, err := c.queue(hdr[:])
+	return err
 }
 
 // queue appends p to the buffer, waiting for space, and makes sure a flusher runs. Called

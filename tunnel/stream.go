@@ -14,7 +14,7 @@ import (
 
 // Stream is one multiplexed stream: a net.Conn with half-close.
 //
-// Close and CloseWrite, precisely (yamux has FIN but no way to send a reset):
+// Close, CloseWrite and Reset, precisely:
 //
 //   - CloseWrite sends FIN: the peer's Read returns io.EOF once it has read
 //     everything we wrote. We can still Read what the peer sends.
@@ -25,6 +25,10 @@ import (
 //     (then the peer's writes fail with ErrStreamReset). A peer whose writes
 //     stall on a stream it knows is half-closed must bound them with a write
 //     deadline (yamux #133); Relay does.
+//   - Reset ends the stream abnormally: the peer's pending and later Reads
+//     and Writes fail with ErrStreamReset, never a clean io.EOF, so a relay
+//     on the far side can pass the failure on instead of a normal end. Our
+//     side is closed as by Close.
 //
 // Any write error other than a deadline, a closed or a reset stream closes the
 // whole session (yamux #142).
@@ -145,6 +149,31 @@ func (st *Stream) Close() error {
 	err := st.ys.Close()
 	st.ys.Shrink()
 	return mapErr(err)
+}
+
+// Reset closes the stream and tells the peer it ended abnormally (a yamux
+// RST frame, queued behind what was already written), so that whoever reads
+// the other end sees ErrStreamReset instead of a clean end of stream: a cut
+// transfer must not look complete. After Close, Reset does nothing.
+//
+// yamux has no API for a reset, so the frame goes onto the session's
+// connection between two of yamux's own frames; our side of the stream is
+// then closed by yamux's Close, whose FIN the peer drops (it has already
+// forgotten the stream). Our side's bookkeeping is freed when the session
+// ends or after Config.StreamCloseTimeout.
+func (st *Stream) Reset() error {
+	if !st.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	err := st.sess.wc.writeReset(st.ys.StreamID())
+	past := time.Unix(1, 0)
+	st.ys.SetDeadline(past)
+	st.ys.Close()
+	st.ys.Shrink()
+	if err != nil {
+		return fmt.Errorf("reset stream: %w", mapErr(err))
+	}
+	return nil
 }
 
 // LocalAddr is the session's local address.

@@ -4,7 +4,10 @@
 // to a resource through the gateway, over a single mutually authenticated
 // tunnel session that reconnects when it drops. The user certificate renews
 // itself while connect runs; after a renewal new streams go over a new
-// session while the old one drains (make-before-break).
+// session while the old one drains (make-before-break). A stream that ends
+// abnormally resets its local connection (RST), so a cut transfer never
+// looks complete, and a local client that gave up before its stream opened
+// is never forwarded.
 //
 // What it must NOT do: listen on anything but the address it is given (a
 // non-loopback address is allowed but warned about: whoever reaches it acts
@@ -28,6 +31,7 @@ import (
 
 	"github.com/wicketgw/wicket/agent/identity"
 	"github.com/wicketgw/wicket/agent/internal/closed"
+	"github.com/wicketgw/wicket/agent/internal/keeper"
 	"github.com/wicketgw/wicket/agent/internal/track"
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/tunnel"
@@ -122,7 +126,8 @@ type Config struct {
 	// For tests and demos. Default 0: off.
 	RenewPeriod time.Duration
 	// Reconnect is the backoff between connection attempts. Nil: 500 ms
-	// doubling up to 30 s with full jitter.
+	// doubling up to 30 s with full jitter, reset as soon as a session is
+	// established and the gateway has answered.
 	Reconnect *tunnel.Backoff
 	// Logger receives events. Default: discard.
 	Logger *slog.Logger
@@ -253,6 +258,11 @@ type session struct {
 	streams track.Tracker
 }
 
+// Done, Err and Cert make a session a keeper.Session.
+func (s *session) Done() <-chan struct{}   { return s.sess.Done() }
+func (s *session) Err() error              { return s.sess.Err() }
+func (s *session) Cert() *x509.Certificate { return s.leaf }
+
 func (c *client) setCurrent(s *session, err error) {
 	c.mu.Lock()
 	c.cur = s
@@ -277,12 +287,9 @@ func (c *client) run(ctx context.Context, ln net.Listener) error {
 	}()
 	go func() {
 		defer bg.Done()
-		tunnel.Retry(rctx, c.cfg.Reconnect, c.cfg.After,
-			func(ctx context.Context) error { return c.connect(ctx, stop) },
-			func(err error, wait time.Duration) {
-				c.log.Warn(fmt.Sprintf("no session to the gateway; reconnecting in %s", wait.Round(time.Millisecond)),
-					"reason", err, "gateway", c.addr)
-			})
+		if err := keeper.Run(rctx, c.keeperConfig()); err != nil {
+			stop(err)
+		}
 	}()
 
 	var runErr error
@@ -320,35 +327,70 @@ func (c *client) run(ctx context.Context, ln net.Listener) error {
 	return runErr
 }
 
-// stdio relays stdin/stdout as one stream.
+// stdio relays stdin/stdout as one stream. A stream that ends abnormally
+// ends it at once with an error, without waiting for stdin to close.
 func (c *client) stdio(ctx context.Context) error {
-	st, s, err := c.open(ctx)
+	st, s, err := c.open(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer s.streams.Done()
-	_, _, err = tunnel.Relay(ctx, &stdioConn{r: c.cfg.Stdin, w: c.cfg.Stdout}, st)
+	in := newStdioConn(c.cfg.Stdin, c.cfg.Stdout)
+	_, _, err = tunnel.Relay(ctx, in, st)
 	if err != nil && ctx.Err() == nil {
 		return fmt.Errorf("stream to resource %s: %w", c.cfg.Resource, err)
 	}
 	return nil
 }
 
-// relay carries one local connection.
+// relay carries one local connection. Until its stream is open the
+// connection is watched: what the client sends meanwhile is kept and sent
+// first, and a client that closes while the gateway is unreachable, or
+// resets its connection, is never forwarded. Every abnormal end
+// (a refusal, a reset stream, a lost session, connect stopping) resets the
+// local connection; only a clean end closes it with FIN.
 func (c *client) relay(ctx context.Context, conn net.Conn) {
 	log := c.log.With("local", conn.RemoteAddr().String())
-	st, s, err := c.open(ctx)
+	w := watchEarly(conn)
+	st, s, err := c.open(ctx, w)
+	early, how := w.stop()
 	if err != nil {
-		if ctx.Err() == nil {
+		switch {
+		case errors.Is(err, errClientGone):
+			log.Info("the client closed its connection before the stream opened; nothing was forwarded",
+				"bytes_dropped", len(early), "how", closeHow(how))
+		case ctx.Err() == nil:
 			log.Error(err.Error())
 		}
-		conn.Close()
+		closed.Reset(conn)
 		return
 	}
 	defer s.streams.Done()
+	if how != nil && how != io.EOF {
+		// Reset by the client just as the stream opened: forward nothing.
+		log.Info("the client reset its connection before the stream opened; nothing was forwarded", "bytes_dropped", len(early))
+		st.Close()
+		closed.Reset(conn)
+		return
+	}
 	start := time.Now()
-	log.Debug("stream opened")
-	up, down, err := tunnel.Relay(ctx, conn, st)
+	log.Debug("stream opened", "early_bytes", len(early))
+	var up, down int64
+	if len(early) > 0 {
+		n, err := st.Write(early)
+		up = int64(n)
+		if err != nil {
+			log.Warn("connection ended with an error", "bytes_up", up, "err", err)
+			st.Close()
+			closed.Reset(conn)
+			return
+		}
+	}
+	// After a FIN the local reads return EOF again, so the relay half-closes
+	// the stream as if the FIN came now.
+	u, down, err := tunnel.Relay(ctx, closed.Held(conn), st)
+	up += u
+	closed.End(conn, err)
 	attrs := []any{"bytes_up", up, "bytes_down", down, "duration", time.Since(start).Round(time.Millisecond)}
 	switch {
 	case err == nil:
@@ -356,18 +398,120 @@ func (c *client) relay(ctx context.Context, conn net.Conn) {
 	case closed.ByPeer(err):
 		log.Info("connection ended", append(attrs, "closed_by_peer", err.Error())...)
 	default:
-		log.Warn("connection ended with an error", append(attrs, "err", err)...)
+		log.Warn("connection ended with an error; the local connection was reset", append(attrs, "err", err)...)
 	}
+}
+
+// closeHow words how the client's side ended for a log line.
+func closeHow(err error) string {
+	if err == io.EOF {
+		return "closed"
+	}
+	return "reset"
+}
+
+// errClientGone: the local client went away before its stream opened.
+var errClientGone = errors.New("the client closed its connection before the stream opened")
+
+// earlyMax bounds what is kept of a client's bytes sent before its stream
+// opens; beyond it the client waits (TCP flow control) like any slow link.
+const earlyMax = 64 << 10
+
+// early watches a local connection while its stream is being opened.
+type early struct {
+	conn  net.Conn
+	buf   []byte
+	err   error         // how the client's side ended: io.EOF (closed or half-closed) or a reset; nil: open
+	ended chan struct{} // closed once err is set
+	done  chan struct{} // the reading goroutine returned
+}
+
+func watchEarly(conn net.Conn) *early {
+	w := &early{conn: conn, ended: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		b := make([]byte, 4<<10)
+		for len(w.buf) < earlyMax {
+			n, err := conn.Read(b[:min(len(b), earlyMax-len(w.buf))])
+			w.buf = append(w.buf, b[:n]...)
+			if err != nil {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					return // stop's deadline, not the client
+				}
+				w.err = err
+				close(w.ended)
+				return
+			}
+		}
+	}()
+	return w
+}
+
+// gone is closed when the client closed or reset its side.
+func (w *early) gone() <-chan struct{} {
+	if w == nil {
+		return nil
+	}
+	return w.ended
+}
+
+// reset reports, once gone is closed, whether the client reset its side
+// (rather than closing or half-closing it).
+func (w *early) reset() bool { return w.err != nil && w.err != io.EOF }
+
+// stop ends the watch; it returns what the client sent and how its side
+// ended (nil: it is still open).
+func (w *early) stop() ([]byte, error) {
+	_ = w.conn.SetReadDeadline(time.Unix(1, 0))
+	<-w.done
+	_ = w.conn.SetReadDeadline(time.Time{})
+	return w.buf, w.err
 }
 
 // open opens a stream to the resource over the newest session. A stream
 // that fails because its session is going away is retried on the next one;
 // an answer from the gateway (refused, no agent, dial failed) is final.
-func (c *client) open(ctx context.Context) (*tunnel.Stream, *session, error) {
+//
+// w (nil for stdio) is the local client being watched: if it goes away
+// while the gateway is unreachable, open gives up with errClientGone (see
+// session); if it resets its connection while the stream opens, the open is
+// cancelled. A client that merely half-closes while the stream opens is
+// still served.
+func (c *client) open(ctx context.Context, w *early) (*tunnel.Stream, *session, error) {
+	st, s, err := c.openStream(ctx, w)
+	if err != nil && w != nil && ctx.Err() == nil {
+		select {
+		case <-w.gone():
+			if w.reset() || errors.Is(err, errClientGone) {
+				return nil, nil, errClientGone
+			}
+		default:
+		}
+	}
+	return st, s, err
+}
+
+func (c *client) openStream(ctx context.Context, w *early) (*tunnel.Stream, *session, error) {
 	deadline := time.Now().Add(c.cfg.OpenTimeout)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if w != nil {
+		stop := make(chan struct{})
+		defer close(stop)
+		go func() {
+			select {
+			case <-w.gone():
+				if w.reset() {
+					cancel()
+				}
+			case <-stop:
+			}
+		}()
+	}
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
-		s, err := c.session(ctx, deadline)
+		s, err := c.session(ctx, deadline, w)
 		if err != nil {
 			if lastErr != nil {
 				err = fmt.Errorf("%w (last stream error: %v)", err, lastErr)
@@ -431,8 +575,14 @@ type openError struct {
 func (e *openError) Error() string { return e.msg }
 func (e *openError) Unwrap() error { return e.re }
 
-// session returns the current open session, waiting for one until deadline.
-func (c *client) session(ctx context.Context, deadline time.Time) (*session, error) {
+// session returns the current open session, waiting for one until
+// deadline. A watched client (w, nil for stdio) that resets its connection
+// meanwhile, or closes it while the gateway is known to be unreachable (an
+// attempt failed or the session was lost), has given up: errClientGone. One
+// that closes while connect is still making its first session may only have
+// half-closed after its request, and keeps waiting.
+func (c *client) session(ctx context.Context, deadline time.Time, w *early) (*session, error) {
+	gone, closedEarly := w.gone(), false
 	for {
 		c.mu.Lock()
 		s, changed, lastErr := c.cur, c.changed, c.lastErr
@@ -443,6 +593,9 @@ func (c *client) session(ctx context.Context, deadline time.Time) (*session, err
 			default:
 				return s, nil
 			}
+		}
+		if closedEarly && lastErr != nil {
+			return nil, errClientGone
 		}
 		wait := time.Until(deadline)
 		if wait <= 0 {
@@ -456,6 +609,12 @@ func (c *client) session(ctx context.Context, deadline time.Time) (*session, err
 		case <-ctx.Done():
 			t.Stop()
 			return nil, ctx.Err()
+		case <-gone:
+			if w.reset() || lastErr != nil {
+				t.Stop()
+				return nil, errClientGone
+			}
+			gone, closedEarly = nil, true
 		case <-changed:
 		case <-t.C:
 		}
@@ -463,62 +622,53 @@ func (c *client) session(ctx context.Context, deadline time.Time) (*session, err
 	}
 }
 
-// connect keeps one session to the gateway, replacing it make-before-break
-// after each renewal, until it ends or ctx does.
-func (c *client) connect(ctx context.Context, fail context.CancelCauseFunc) error {
-	if err := identity.CheckValid(&identity.Stored{Creds: c.renewer.Current()}, c.cfg.Now()); err != nil {
-		err = userExpired(err)
-		fail(err)
-		return err
-	}
-	cur, err := c.dial(ctx)
-	if err != nil {
-		c.setCurrent(nil, err)
-		c.diagnose(ctx, err, fail)
-		return err
-	}
-	c.setCurrent(cur, nil)
-	c.log.Info("connected to the gateway", "gateway", c.addr, "cert_expires", cur.leaf.NotAfter.UTC().Format(time.RFC3339))
-	var retrySwitch <-chan time.Time
-	bo := tunnel.Backoff{Initial: time.Second, Max: time.Minute}
-	doSwitch := func() {
-		retrySwitch = nil
-		next, err := c.dial(ctx)
-		if err != nil {
-			c.log.Warn("could not open a session with the renewed certificate; the current session keeps serving", "err", err)
-			retrySwitch = c.cfg.After(bo.Next())
-			return
-		}
-		bo.Reset()
-		old := cur
-		cur = next
-		c.setCurrent(cur, nil)
-		c.log.Info("moved to a new session with the renewed certificate", "draining_streams", old.streams.Active(),
-			"cert_expires", next.leaf.NotAfter.UTC().Format(time.RFC3339))
-		c.wg.Add(1)
-		go func() {
-			defer c.wg.Done()
-			c.drain(ctx, old)
-		}()
-	}
-	for {
-		select {
-		case <-ctx.Done():
-			c.setCurrent(nil, nil)
-			cur.sess.Close()
-			return ctx.Err()
-		case <-cur.sess.Done():
-			err := fmt.Errorf("session closed: %w", cur.sess.Err())
-			c.setCurrent(nil, err)
-			cur.sess.Close()
-			return err
-		case creds := <-c.renewer.Updates():
-			if !creds.Chain[0].Equal(cur.leaf) {
-				doSwitch()
+// keeperConfig wires the client into the keep-a-session loop: a session
+// is established once the gateway has answered a ping, becomes the one new
+// streams use, and is replaced make-before-break after each renewal.
+func (c *client) keeperConfig() keeper.Config[*session] {
+	return keeper.Config[*session]{
+		Check: func() error {
+			if err := identity.CheckValid(&identity.Stored{Creds: c.renewer.Current()}, c.cfg.Now()); err != nil {
+				return userExpired(err)
 			}
-		case <-retrySwitch:
-			doSwitch()
-		}
+			return nil
+		},
+		Dial: c.dial,
+		DialFailed: func(ctx context.Context, err error) error {
+			c.setCurrent(nil, err)
+			return c.diagnose(ctx, err)
+		},
+		Up: func(s *session) {
+			c.setCurrent(s, nil)
+			c.log.Info("connected to the gateway", "gateway", c.addr, "cert_expires", s.leaf.NotAfter.UTC().Format(time.RFC3339))
+		},
+		Switched: func(ctx context.Context, old, next *session) {
+			c.setCurrent(next, nil)
+			c.log.Info("moved to a new session with the renewed certificate", "draining_streams", old.streams.Active(),
+				"cert_expires", next.leaf.NotAfter.UTC().Format(time.RFC3339))
+			c.wg.Add(1)
+			go func() {
+				defer c.wg.Done()
+				c.drain(ctx, old)
+			}()
+		},
+		SwitchFailed: func(err error) {
+			c.log.Warn("could not open a session with the renewed certificate; the current session keeps serving", "err", err)
+		},
+		Down: func(s *session, cause error) {
+			if errors.Is(cause, context.Canceled) {
+				cause = nil
+			}
+			c.setCurrent(nil, cause)
+			s.sess.Close()
+		},
+		Retrying: func(err error, wait time.Duration) {
+			c.log.Warn(fmt.Sprintf("no session to the gateway; reconnecting in %s", wait.Round(time.Millisecond)),
+				"reason", err, "gateway", c.addr)
+		},
+		Renewed: c.renewer.Updates(),
+		Backoff: c.cfg.Reconnect,
+		After:   c.cfg.After,
 	}
 }
 
@@ -591,15 +741,16 @@ func (c *client) dial(ctx context.Context) (*session, error) {
 }
 
 // diagnose asks the CA why the gateway refused the session (see the agent's
-// counterpart): a revoked or expired certificate ends Connect.
-func (c *client) diagnose(ctx context.Context, dialErr error, fail context.CancelCauseFunc) {
+// counterpart): a revoked or expired certificate ends Connect (it returns
+// that error).
+func (c *client) diagnose(ctx context.Context, dialErr error) error {
 	var se *sessionError
 	if !errors.As(dialErr, &se) {
-		return
+		return nil
 	}
 	now := c.cfg.Now()
 	if !c.lastDiagnose.IsZero() && now.Sub(c.lastDiagnose) < time.Minute {
-		return
+		return nil
 	}
 	c.lastDiagnose = now
 	err := c.renewer.RenewNow(ctx)
@@ -607,10 +758,11 @@ func (c *client) diagnose(ctx context.Context, dialErr error, fail context.Cance
 	case err == nil:
 		c.log.Info("the gateway refused the session; the certificate was renewed, retrying with it")
 	case errors.Is(err, identity.ErrRevoked):
-		fail(err)
+		return err
 	case errors.Is(err, identity.ErrExpired):
-		fail(userExpired(err))
+		return userExpired(err)
 	}
+	return nil
 }
 
 // userExpired words an expiry for a user, who logs in rather than enrolls.
@@ -623,13 +775,65 @@ func userExpired(err error) error {
 	return err
 }
 
-// stdioConn is stdin/stdout as a net.Conn for tunnel.Relay.
+// stdioConn is stdin/stdout as a net.Conn for tunnel.Relay. Stdin is read
+// by a goroutine of its own, so that Close makes a pending Read return even
+// when stdin cannot be interrupted (a terminal, a blocking pipe): a stream
+// that died ends connect at once rather than at the next line typed.
 type stdioConn struct {
-	r io.Reader
-	w io.Writer
+	r       io.Reader
+	w       io.Writer
+	chunks  chan stdinChunk
+	closed  chan struct{}
+	once    sync.Once
+	pending []byte // the rest of a chunk larger than a Read
+	rerr    error  // stdin's end, once reached
 }
 
-func (s *stdioConn) Read(p []byte) (int, error)  { return s.r.Read(p) }
+type stdinChunk struct {
+	b   []byte
+	err error
+}
+
+func newStdioConn(r io.Reader, w io.Writer) *stdioConn {
+	s := &stdioConn{r: r, w: w, chunks: make(chan stdinChunk), closed: make(chan struct{})}
+	go s.pump()
+	return s
+}
+
+// pump reads stdin until it ends or the connection is closed (then a Read
+// still blocked in stdin is left to the process's exit).
+func (s *stdioConn) pump() {
+	for {
+		b := make([]byte, 32<<10)
+		n, err := s.r.Read(b)
+		select {
+		case s.chunks <- stdinChunk{b[:n], err}:
+		case <-s.closed:
+			return
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (s *stdioConn) Read(p []byte) (int, error) {
+	for len(s.pending) == 0 {
+		if s.rerr != nil {
+			return 0, s.rerr
+		}
+		select {
+		case c := <-s.chunks:
+			s.pending, s.rerr = c.b, c.err
+		case <-s.closed:
+			return 0, net.ErrClosed
+		}
+	}
+	n := copy(p, s.pending)
+	s.pending = s.pending[n:]
+	return n, nil
+}
+
 func (s *stdioConn) Write(p []byte) (int, error) { return s.w.Write(p) }
 
 // CloseWrite ends our output (the remote side finished).
@@ -641,6 +845,7 @@ func (s *stdioConn) CloseWrite() error {
 }
 
 func (s *stdioConn) Close() error {
+	s.once.Do(func() { close(s.closed) })
 	if c, ok := s.r.(io.Closer); ok {
 		c.Close()
 	}
@@ -657,12 +862,8 @@ func (s *stdioConn) SetDeadline(t time.Time) error {
 	return nil
 }
 
-func (s *stdioConn) SetReadDeadline(t time.Time) error {
-	if d, ok := s.r.(interface{ SetReadDeadline(time.Time) error }); ok {
-		return d.SetReadDeadline(t)
-	}
-	return nil
-}
+// SetReadDeadline is not supported on stdin; the relay does not need it.
+func (s *stdioConn) SetReadDeadline(time.Time) error { return nil }
 
 func (s *stdioConn) SetWriteDeadline(t time.Time) error {
 	if d, ok := s.w.(interface{ SetWriteDeadline(time.Time) error }); ok {

@@ -17,8 +17,8 @@ import (
 )
 
 func init() {
-	register("token", "wicket token create agent|user NAME [--ttl DUR] [--acme]", runToken)
-	register("agents", "wicket agents list [--json] | wicket agents revoke NAME | wicket agents forget NAME", runAgents)
+	register("token", "wicket token create agent NAME --resources R1,R2 [--ttl DUR] [--acme] | wicket token create user NAME [--ttl DUR]", runToken)
+	register("agents", agentsUsage, runAgents)
 	register("users", "wicket users revoke NAME", runUsers)
 	register("sessions", "wicket sessions list [--json]", runSessions)
 	register("audit", "wicket audit verify FILE [--anchor SEQ:HASH]...", runAudit)
@@ -32,9 +32,36 @@ func adminClient(dir string) (*gateway.AdminClient, error) {
 	return gateway.NewAdminClient(dir), nil
 }
 
+// agentsUsage is the usage line of `wicket agents`.
+const agentsUsage = "wicket agents list [--json] | wicket agents allow|disallow NAME --resources R1,R2 | " +
+	"wicket agents revoke NAME | wicket agents forget NAME"
+
+// resourcesFlag is the comma-separated --resources list of token create and agents allow.
+func resourcesFlag(fs interface {
+	String(name, value, usage string) *string
+}, usage string) func() ([]string, error) {
+	v := fs.String("resources", "", usage)
+	return func() ([]string, error) {
+		var out []string
+		for _, r := range strings.Split(*v, ",") {
+			if r = strings.TrimSpace(r); r == "" {
+				continue
+			}
+			if err := ca.ValidName(r); err != nil {
+				return nil, fmt.Errorf("--resources: %w", err)
+			}
+			out = append(out, r)
+		}
+		return out, nil
+	}
+}
+
 func runToken(ctx context.Context, args []string) error {
 	fs := newFlagSet("token")
 	dataDir := dataDirFlag(fs)
+	resources := resourcesFlag(fs, "for an agent: the resources `R1,R2` this agent name may serve, "+
+		"granted when the token is minted and added to any earlier grant; without it the agent serves nothing "+
+		"(default deny) until an administrator runs: wicket agents allow NAME --resources R")
 	ttl := fs.Duration("ttl", 15*time.Minute, "how long the token is valid after minting (1s to 24h), checked to the second by the gateway; usable once")
 	useACME := fs.Bool("acme", false, "for an agent: an ACME enrollment credential (EAB key bound to the name) instead of a bootstrap token")
 	pos, err := parseInterspersed(fs, args)
@@ -42,10 +69,20 @@ func runToken(ctx context.Context, args []string) error {
 		return err
 	}
 	if len(pos) != 3 || pos[0] != "create" || (pos[1] != "agent" && pos[1] != "user") {
-		return errors.New("usage: wicket token create agent|user NAME [--ttl DUR] [--acme]")
+		return errors.New("usage: wicket token create agent NAME --resources R1,R2 [--ttl DUR] [--acme] | wicket token create user NAME [--ttl DUR]")
 	}
 	if *useACME && pos[1] != "agent" {
 		return errors.New("--acme is for agents only: wicket token create agent NAME --acme")
+	}
+	res, err := resources()
+	if err != nil {
+		return err
+	}
+	if len(res) > 0 && pos[1] != "agent" {
+		return errors.New("--resources is for agents only: users are allowed resources by the policy file")
+	}
+	if len(res) == 0 && pos[1] == "agent" {
+		fmt.Fprintf(os.Stderr, "note: no --resources: agent %s will serve nothing until `wicket agents allow %s --resources R`\n", pos[2], pos[2])
 	}
 	c, err := adminClient(*dataDir)
 	if err != nil {
@@ -54,9 +91,9 @@ func runToken(ctx context.Context, args []string) error {
 	defer c.Close()
 	var tok string
 	if *useACME {
-		tok, err = c.CreateACMECredential(ctx, pos[2], *ttl)
+		tok, err = c.CreateACMECredential(ctx, pos[2], *ttl, res...)
 	} else {
-		tok, err = c.CreateToken(ctx, ca.Role(pos[1]), pos[2], *ttl)
+		tok, err = c.CreateToken(ctx, ca.Role(pos[1]), pos[2], *ttl, res...)
 	}
 	if err != nil {
 		if errors.Is(err, gateway.ErrGatewayUnreachable) {
@@ -72,11 +109,43 @@ func runAgents(ctx context.Context, args []string) error {
 	fs := newFlagSet("agents")
 	dataDir := dataDirFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON for scripts")
+	resources := resourcesFlag(fs, "for allow and disallow: the resources `R1,R2` to grant to or withdraw from the agent name")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
 	}
 	switch {
+	case len(pos) == 2 && (pos[0] == "allow" || pos[0] == "disallow"):
+		res, err := resources()
+		if err != nil {
+			return err
+		}
+		if len(res) == 0 {
+			return fmt.Errorf("name the resources: wicket agents %s %s --resources R1,R2", pos[0], pos[1])
+		}
+		c, err := adminClient(*dataDir)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		var gr gateway.GrantResult
+		if pos[0] == "allow" {
+			gr, err = c.AllowResources(ctx, pos[1], res)
+		} else {
+			gr, err = c.DisallowResources(ctx, pos[1], res)
+		}
+		if err != nil {
+			if errors.Is(err, gateway.ErrGatewayUnreachable) {
+				return err
+			}
+			return fmt.Errorf("%s resources for agent %s: %w", pos[0], pos[1], err)
+		}
+		note := ""
+		if !gr.Changed {
+			note = " (unchanged)"
+		}
+		_, err = fmt.Printf("agent %s may serve: %s%s\n", gr.Agent, dash(strings.Join(gr.Allowed, ",")), note)
+		return err
 	case len(pos) == 1 && pos[0] == "list":
 		c, err := adminClient(*dataDir)
 		if err != nil {
@@ -105,7 +174,7 @@ func runAgents(ctx context.Context, args []string) error {
 		_, err = fmt.Printf("forgot agent %s\n", pos[1])
 		return err
 	}
-	return errors.New("usage: wicket agents list [--json] | wicket agents revoke NAME | wicket agents forget NAME")
+	return errors.New("usage: " + agentsUsage)
 }
 
 func runUsers(ctx context.Context, args []string) error {
@@ -224,17 +293,15 @@ func printJSON(w io.Writer, v any) error {
 
 func printAgents(w io.Writer, agents []gateway.AgentInfo, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSTATUS\tRESOURCES\tVERSION\tSINCE\tCERT EXPIRES IN")
+	fmt.Fprintln(tw, "NAME\tSTATUS\tALLOWED\tSERVED\tREFUSED\tVERSION\tSINCE\tCERT EXPIRES IN")
 	for _, a := range agents {
-		res := strings.Join(a.Resources, ",")
-		if res == "" {
-			res = "-"
-		}
+		res := dash(strings.Join(a.Resources, ","))
+		allowed, refused := dash(strings.Join(a.Allowed, ",")), dash(strings.Join(a.Refused, ","))
 		status := a.Status
 		if a.Instances > 1 {
 			status = fmt.Sprintf("%s (%d instances)", a.Status, a.Instances)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, status, res, dash(a.Version),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, status, allowed, res, refused, dash(a.Version),
 			ago(now, a.Since), until(now, a.CertExpires))
 	}
 	return tw.Flush()

@@ -18,7 +18,7 @@ import (
 )
 
 func init() {
-	register("agent", "wicket agent --token TOKEN --data-dir DIR --expose NAME=HOST:PORT [--expose ...]   (later: wicket agent --data-dir DIR --expose ...)", runAgent)
+	register("agent", "wicket agent --token TOKEN --data-dir DIR --expose NAME=HOST:PORT [--expose ...]   (later: wicket agent --data-dir DIR: the expose list is kept in DIR/agent.json)", runAgent)
 }
 
 // agentOpts are the values of `wicket agent`'s flags.
@@ -40,7 +40,7 @@ func agentFlags() (*flag.FlagSet, *agentOpts) {
 	o.dataDir = dataDirFlag(fs)
 	o.token = fs.String("token", "", "one-time agent token from `wicket token create agent NAME` (or an ACME enrollment credential from `... --acme`: the agent then enrolls and renews by ACME); needed only for the first start (prefer WICKET_TOKEN or --token-file: a flag is visible to every local user in ps)")
 	o.tokenFile = fs.String("token-file", "", "file holding the one-time agent token")
-	fs.Var(&o.expose, "expose", "NAME=HOST:PORT: a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE)")
+	fs.Var(&o.expose, "expose", "NAME=HOST:PORT: a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE); kept in DATA-DIR/agent.json, so a restart without --expose serves the same list")
 	o.dialTimeout = fs.Duration("dial-timeout", 10*time.Second, "how long to wait when connecting to a resource")
 	o.drainTimeout = fs.Duration("drain-timeout", 0, "after a renewal, how long the previous session may keep its streams (0: until they end or its certificate expires)")
 	o.grace = fs.Duration("grace-period", 10*time.Second, "on SIGTERM, how long streams in flight may finish (new ones go to other agents of the same name)")

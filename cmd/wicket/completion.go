@@ -28,7 +28,7 @@ var noFlags = map[string]bool{"version": true, "completion": true}
 // subcommands are the first positional words of commands that take one.
 var subcommands = map[string][]string{
 	"token":      {"create"},
-	"agents":     {"list", "revoke", "forget"},
+	"agents":     {"list", "allow", "disallow", "revoke", "forget"},
 	"users":      {"revoke"},
 	"sessions":   {"list"},
 	"audit":      {"verify"},

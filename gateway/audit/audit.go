@@ -211,6 +211,16 @@ const (
 	// without a gateway.stopped record; it ended what that run left open (outcome
 	// gateway_crashed) and then wrote this record. See [ScanLastRun].
 	TypeGatewayCrashed = "gateway.crashed"
+	// TypeGrantChanged: an administrator allowed or disallowed resources for an agent name
+	// (`wicket agents allow|disallow`, or `wicket token create agent --resources`); Extra
+	// has the actor, the action, the resources named and the grant after the change.
+	TypeGrantChanged = "grant.changed"
+	// TypeAgentClaimRefused: an agent announced a resource not granted to its name; the
+	// resource is not routed to that agent.
+	TypeAgentClaimRefused = "agent.claim_refused"
+	// TypeGrantsMigrated: at its first start with resource ownership, the gateway granted
+	// every agent it knew the resources it was last seen serving (Extra lists them).
+	TypeGrantsMigrated = "grants.migrated"
 )
 
 // Outcome values for [Record.Outcome].

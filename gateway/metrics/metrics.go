@@ -47,6 +47,7 @@ const (
 	SessionsClosedTotal     = "wicket_sessions_closed_total"
 	AuditWriteFailuresTotal = "wicket_audit_write_failures_total"
 	AuditWritable           = "wicket_audit_writable"
+	AgentClaimsRefusedTotal = "wicket_agent_claims_refused_total"
 )
 
 // collector turns a gateway Snapshot into metrics at each scrape.
@@ -56,7 +57,7 @@ type collector struct {
 	agentsConnected, sessionsActive, sessionsTotal, streamBytes, streamOpen *prometheus.Desc
 	handshakes, handshakesRefused, certificates, gatewayExpiry, agentExpiry *prometheus.Desc
 	acmeFailures, agentSessions, userConnections, sessionsClosed            *prometheus.Desc
-	auditFailures, auditWritable                                            *prometheus.Desc
+	auditFailures, auditWritable, claimsRefused                             *prometheus.Desc
 }
 
 // NewCollector returns a prometheus.Collector exporting src's Snapshot.
@@ -93,6 +94,8 @@ func NewCollector(src Source) prometheus.Collector {
 		auditFailures: d(AuditWriteFailuresTotal, "Audit records that could not be written: the write or fsync "+
 			"that failed, and every event refused (tokens, enrollments, renewals, new sessions) or lost while "+
 			"the audit log was unavailable."),
+		claimsRefused: d(AgentClaimsRefusedTotal, "Resources agents announced that are not granted to their "+
+			"name, so not routed to them (once per agent session and resource; the audit log has agent.claim_refused)."),
 		auditWritable: d(AuditWritable, "1 while the audit log can be written, 0 while it cannot (access-creating "+
 			"events are refused meanwhile, and /readyz reports the audit check)."),
 	}
@@ -101,7 +104,7 @@ func NewCollector(src Source) prometheus.Collector {
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.agentsConnected, c.sessionsActive, c.sessionsTotal, c.streamBytes,
 		c.streamOpen, c.handshakes, c.handshakesRefused, c.certificates, c.gatewayExpiry, c.agentExpiry,
-		c.acmeFailures, c.agentSessions, c.userConnections, c.sessionsClosed, c.auditFailures, c.auditWritable} {
+		c.acmeFailures, c.agentSessions, c.userConnections, c.sessionsClosed, c.auditFailures, c.auditWritable, c.claimsRefused} {
 		ch <- d
 	}
 }
@@ -155,6 +158,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.sessionsClosed, float64(s.SessionsClosedRevoked), "revoked")
 	counter(c.sessionsClosed, float64(s.SessionsClosedExpired), "expired")
 	counter(c.auditFailures, float64(s.AuditWriteFailures))
+	counter(c.claimsRefused, float64(s.ClaimsRefused))
 	writable := 0.0
 	if s.AuditWritable {
 		writable = 1

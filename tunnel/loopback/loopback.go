@@ -1,5 +1,5 @@
-// Package loopback gives tests the two targets that tunnel, agent and gateway tests all need
-// on 127.0.0.1: an echo server and an address nothing listens on.
+// Package loopback gives tests the targets that tunnel, agent and gateway tests all need on
+// 127.0.0.1: an echo server, a server running any handler, and an address nothing listens on.
 package loopback
 
 import (
@@ -14,6 +14,18 @@ import (
 // listener and every connection still open are closed when the test ends, and its goroutines
 // are waited for. It returns the server's address.
 func EchoServer(t testing.TB) string {
+	t.Helper()
+	return Serve(t, func(c net.Conn) {
+		_, _ = io.Copy(c, c)
+		_ = c.(*net.TCPConn).CloseWrite()
+	})
+}
+
+// Serve starts a TCP server on 127.0.0.1 that runs handle for every connection, each in its
+// own goroutine, and closes the connection when handle returns. When the test ends the
+// listener and every connection still open are closed and the goroutines are waited for, so a
+// test's leak check sees none of them. It returns the server's address.
+func Serve(t testing.TB, handle func(c net.Conn)) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -44,8 +56,7 @@ func EchoServer(t testing.TB) string {
 					mu.Unlock()
 					c.Close()
 				}()
-				_, _ = io.Copy(c, c)
-				_ = c.(*net.TCPConn).CloseWrite()
+				handle(c)
 			}()
 		}
 	}()

@@ -3,6 +3,10 @@
 // socket while the other direction still flows makes the relay see "connection
 // reset by peer", "broken pipe" or "transport endpoint is not connected",
 // which is how TCP connections normally end. It must NOT hide anything else.
+//
+// It also ends a relayed TCP connection the way the relay ended (Held, End):
+// with FIN after a clean end, with RST after a failure, so that a client or
+// resource reading to end-of-file never takes a cut transfer for a whole one.
 package closed
 
 import (
