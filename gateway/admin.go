@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -206,7 +207,10 @@ func (g *Gateway) adminToken(w http.ResponseWriter, r *http.Request) {
 	if len(req.Resources) > 0 {
 		// The grant is recorded before the token is returned: an agent never holds a
 		// certificate for resources its grant does not name yet.
-		if _, err := g.changeGrant(actor(r), "token create", req.Name, req.Resources, true); err != nil {
+		if _, err := g.changeGrant(actor(r), "token create", req.Name, req.Resources, true); errors.Is(err, audit.ErrUnavailable) {
+			writeError(w, http.StatusServiceUnavailable, g.tokenRefusal())
+			return
+		} else if err != nil {
 			writeError(w, http.StatusInternalServerError, "could not record the grant, the token was dropped: "+err.Error())
 			return
 		}
@@ -252,6 +256,10 @@ func (g *Gateway) adminGrant(w http.ResponseWriter, r *http.Request) {
 		action = "disallow"
 	}
 	res, err := g.changeGrant(actor(r), action, name, req.Resources, !req.Disallow)
+	if errors.Is(err, audit.ErrUnavailable) {
+		writeError(w, http.StatusServiceUnavailable, g.grantRefusal())
+		return
+	}
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, fmt.Sprintf("could not change the grant of agent %s: %v", name, err))
 		return
@@ -261,7 +269,20 @@ func (g *Gateway) adminGrant(w http.ResponseWriter, r *http.Request) {
 
 // changeGrant changes the grant of agent name, saves it, audits grant.changed when it
 // changed, and applies it to the agent's live sessions at once.
+//
+// Allowing creates access, so it fails closed on the audit log like a token: it is refused
+// (an error wrapping audit.ErrUnavailable) while the log cannot be written, and when the
+// record fails after the file was saved, the resources it added are taken back out.
+// Disallowing only takes access away and is never refused; its record is then counted as
+// lost by the log.
 func (g *Gateway) changeGrant(who, action, name string, resources []string, allow bool) (GrantResult, error) {
+	if allow {
+		if err := g.audit.Admit(audit.TypeGrantChanged); err != nil {
+			g.log.Warn("grant refused: the audit log cannot be written", "agent", name, "err", err)
+			return GrantResult{}, err
+		}
+	}
+	before := g.grants.allowed(name)
 	after, changed, err := g.grants.change(name, resources, allow)
 	if err != nil {
 		g.log.Error("could not save the resource grants", "file", GrantsFileName, "agent", name, "err", err)
@@ -274,11 +295,22 @@ func (g *Gateway) changeGrant(who, action, name string, resources []string, allo
 	if !changed {
 		return res, nil
 	}
+	rec := audit.Record{Type: audit.TypeGrantChanged, Agent: name, Outcome: audit.OutcomeOK,
+		Extra: map[string]string{"actor": who, "action": action, "resources": strings.Join(normalize(resources), ","),
+			"allowed": strings.Join(after, ",")}}
+	if allow {
+		if err := g.recordAccess(rec); err != nil {
+			added := slices.DeleteFunc(slices.Clone(after), func(r string) bool { return slices.Contains(before, r) })
+			if _, _, rerr := g.grants.change(name, added, false); rerr != nil {
+				g.log.Error("could not take back a grant whose record failed", "agent", name, "resources", added, "err", rerr)
+			}
+			return GrantResult{}, err
+		}
+	} else {
+		g.record(rec)
+	}
 	g.log.Info("resource grant changed", "agent", name, "action", action, "resources", normalize(resources),
 		"allowed", after, "actor", who)
-	g.record(audit.Record{Type: audit.TypeGrantChanged, Agent: name, Outcome: audit.OutcomeOK,
-		Extra: map[string]string{"actor": who, "action": action, "resources": strings.Join(normalize(resources), ","),
-			"allowed": strings.Join(after, ",")}})
 	for _, gr := range g.registry.regrant(name) {
 		log := g.log.With("agent", name, "remote", gr.as.remote, "session", gr.as.id)
 		g.claimsRefused(log, gr.as.peer.ident, gr.as.peer, gr.refused, "the grant was withdrawn by "+who)

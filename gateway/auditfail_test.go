@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -121,11 +122,26 @@ func TestAuditOutageFailsClosed(t *testing.T) {
 	if c := auditCheck(tg); !c.OK {
 		t.Fatalf("audit check before the outage: %+v", c)
 	}
+	if _, err := admin.AllowResources(ctx, "db1", []string{"spare"}); err != nil {
+		t.Fatal(err)
+	}
 
+	var ae *AdminError
 	disk.fill("")
+	// A grant creates access like a token: refused, and the grant file is as it was.
+	// Taking access away is never refused.
+	if _, err := admin.AllowResources(ctx, "db1", []string{"web"}); !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable ||
+		ae.Message != "the audit log cannot be written (is the disk of "+tg.dir+" full?): the grant was not changed; retry when it is writable" {
+		t.Fatalf("agents allow with the audit log down: %v", err)
+	}
+	if got := tg.grants.allowed("db1"); slices.Contains(got, "web") {
+		t.Fatalf("the refused grant was kept: %v", got)
+	}
+	if res, err := admin.DisallowResources(ctx, "db1", []string{"spare"}); err != nil || slices.Contains(res.Allowed, "spare") {
+		t.Fatalf("agents disallow with the audit log down: %+v, %v", res, err)
+	}
 	// A token: its record cannot be written, so it is not returned.
 	tok, err := admin.CreateToken(ctx, ca.RoleAgent, "db3", 0)
-	var ae *AdminError
 	if !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable || tok != "" ||
 		ae.Message != "the audit log cannot be written (is the disk of "+tg.dir+" full?): no token was minted; retry when it is writable" {
 		t.Fatalf("token create with the audit log down returned a token: %v; error %v", tok != "", err)
@@ -181,7 +197,8 @@ func TestAuditOutageFailsClosed(t *testing.T) {
 	}
 	echoOnce(t, user, "echo", "after the outage")
 	gap := tg.waitAudit("log.gap", func(r audit.Record) bool { return r.Type == audit.TypeLogGap })
-	if gap.Extra["refused_types"] != "cert.renewed=1,session.started=1,token.created=1,user.enrolled=1" || gap.Extra["refused"] != "4" {
+	if gap.Extra["refused_types"] != "cert.renewed=1,grant.changed=1,session.started=1,token.created=1,user.enrolled=1" || gap.Extra["refused"] != "5" ||
+		!strings.Contains(gap.Extra["lost_types"], "grant.changed=1") {
 		t.Fatalf("log.gap = %+v", gap)
 	}
 	tg.waitAudit("user.enrolled of carol", func(r audit.Record) bool {

@@ -61,6 +61,12 @@ func (g *Gateway) tokenRefusal() string {
 	return fmt.Sprintf("the audit log cannot be written (is the disk of %s full?): no token was minted; retry when it is writable", g.cfg.DataDir)
 }
 
+// grantRefusal is the sentence `wicket agents allow` prints while the audit log cannot be
+// written.
+func (g *Gateway) grantRefusal() string {
+	return fmt.Sprintf("the audit log cannot be written (is the disk of %s full?): the grant was not changed; retry when it is writable", g.cfg.DataDir)
+}
+
 // sessionRefusal is the user's sentence for a stream refused because of the audit log
 // (`wicket connect` prints it after "resource NAME is unavailable: ").
 const sessionRefusal = "the gateway cannot write its audit log, so it opens no new session until it can; retry later or tell the gateway's administrator"

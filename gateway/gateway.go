@@ -66,6 +66,9 @@
 //     record fails, so none is valid without its record (caaudit.go); ACME finalize likewise;
 //   - a new user stream is refused before the agent is asked to dial, and session.started is
 //     on disk before the user is told OK, so no byte is relayed without it (users.go);
+//   - `wicket agents allow` (a grant creates access) is refused, and a grant whose record
+//     fails after the file was saved is taken back; `agents disallow` only removes access and
+//     is never refused (its record is counted as lost);
 //   - /readyz reports the "audit" check, and the metrics count the records not written.
 //
 // Sessions and connections already open are not cut: their start is on record. Records of
