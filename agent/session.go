@@ -104,15 +104,23 @@ func (a *agent) dialSession(ctx context.Context) (*session, error) {
 	}()
 	go func() {
 		defer s.wg.Done()
-		// Later control messages from the gateway: none are defined yet; read
-		// them so the stream's window never fills, and log them for debugging.
+		// Later control messages from the gateway: resources withdrawn by a
+		// grant change are logged like refusals; the rest (closing) is read so
+		// the stream's window never fills, and logged for debugging.
 		for {
-			var msg map[string]any
+			var msg struct {
+				tunnel.Withdrawn
+				Closing string `json:"closing"`
+			}
 			if err := ctl.Recv(&msg); err != nil {
 				ctl.Close()
 				return
 			}
-			log.Debug("control message from the gateway", "msg", msg)
+			if len(msg.Withdrawn.Withdrawn) > 0 {
+				logRefused(log, msg.Withdrawn.Withdrawn)
+				continue
+			}
+			log.Debug("control message from the gateway", "closing", msg.Closing)
 		}
 	}()
 	return s, nil

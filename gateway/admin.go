@@ -13,6 +13,7 @@ import (
 
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway/audit"
+	"github.com/wicketgw/wicket/tunnel"
 )
 
 // The admin API, HTTP+JSON on <data-dir>/admin.sock. Whoever can open the socket (mode 0600,
@@ -313,7 +314,18 @@ func (g *Gateway) changeGrant(who, action, name string, resources []string, allo
 		"allowed", after, "actor", who)
 	for _, gr := range g.registry.regrant(name) {
 		log := g.log.With("agent", name, "remote", gr.as.remote, "session", gr.as.id)
-		g.claimsRefused(log, gr.as.peer.ident, gr.as.peer, gr.refused, "the grant was withdrawn by "+who)
+		why := "the grant was withdrawn by " + who
+		g.claimsRefused(log, gr.as.peer.ident, gr.as.peer, gr.refused, why)
+		if gr.as.ctl != nil && len(gr.withdrawn) > 0 {
+			msg := tunnel.Withdrawn{}
+			for _, rf := range refusals(name, gr.withdrawn) {
+				rf.Reason = why + ": " + rf.Reason
+				msg.Withdrawn = append(msg.Withdrawn, rf)
+			}
+			// Not waited for: Send is bounded by the session's write timeout, and a
+			// session that cannot take it fails anyway.
+			go gr.as.ctl.Send(msg)
+		}
 	}
 	g.agentsChanged()
 	return res, nil

@@ -93,7 +93,7 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 	as := &agentSession{
 		id: p.id, name: ident.Name, instance: hello.Instance, version: hello.Version,
 		announced: g.validResources(log, hello.Resources), remote: remote,
-		since: p.since, expires: p.notAfter, sess: p.sess, peer: p,
+		since: p.since, expires: p.notAfter, sess: p.sess, peer: p, ctl: ctl,
 	}
 	notify := func(reason string) {
 		_ = ctl.Stream().SetWriteDeadline(time.Now().Add(notifyTimeout))

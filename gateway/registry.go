@@ -56,6 +56,7 @@ type agentSession struct {
 	expires      time.Time
 	sess         *tunnel.Session
 	peer         *peer
+	ctl          *tunnel.Control // the first control stream: the gateway's messages to the agent
 }
 
 type agentRecord struct {
@@ -144,8 +145,9 @@ func (r *Registry) update(as *agentSession, announced []string, version string) 
 // grantRefusal is a live session's resources that a grant change left refused and that
 // the session had not yet had audited.
 type grantRefusal struct {
-	as      *agentSession
-	refused []string
+	as        *agentSession
+	refused   []string // refused and not yet audited for this session
+	withdrawn []string // routed to the session before the change, and no longer
 }
 
 // servedOf returns the resources routed to as.
@@ -164,7 +166,8 @@ func (r *Registry) refusedOf(as *agentSession) []string {
 
 // regrant applies a changed grant of agent name to its live sessions: a newly allowed
 // resource is routed at once, a disallowed one is no longer routed (streams open now keep
-// running). It returns, per session, the refusals not yet audited.
+// running). It returns, per session, the refusals not yet audited and the resources
+// withdrawn from it.
 func (r *Registry) regrant(name string) []grantRefusal {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -174,8 +177,11 @@ func (r *Registry) regrant(name string) []grantRefusal {
 	}
 	var out []grantRefusal
 	for _, as := range rec.sessions {
-		if n := r.grantedLocked(as); len(n) > 0 {
-			out = append(out, grantRefusal{as: as, refused: n})
+		before := as.resources
+		n := r.grantedLocked(as)
+		w := slices.DeleteFunc(slices.Clone(before), func(x string) bool { return slices.Contains(as.resources, x) })
+		if len(n) > 0 || len(w) > 0 {
+			out = append(out, grantRefusal{as: as, refused: n, withdrawn: w})
 		}
 	}
 	if len(rec.sessions) > 0 {

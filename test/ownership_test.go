@@ -91,6 +91,14 @@ func TestAgentCannotCaptureAnotherAgentsResource(t *testing.T) {
 	if _, errOut, err := gw.Admin("agents", "allow", "evil"); err == nil || !strings.Contains(errOut, "--resources") {
 		t.Fatalf("agents allow without --resources: err %v, stderr %q", err, errOut)
 	}
+
+	// Withdrawing the grant routes nothing more to evil, and evil hears of it at once,
+	// on its live session, not at its next hello.
+	gw.MustAdmin("agents", "disallow", "evil", "--resources", "bulk")
+	evil.WaitFor("the grant was withdrawn by .*resource bulk is not granted to agent evil")
+	if got := reached(t, local, 10); got["evil"] != 0 || got["db1"] != 10 {
+		t.Fatalf("after disallow, 10 connections reached %v; want all at db1", got)
+	}
 }
 
 // regexpLine reports whether some line of text matches re.

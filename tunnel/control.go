@@ -39,6 +39,14 @@ type Refusal struct {
 	Reason   string `json:"reason"`
 }
 
+// Withdrawn is the message the gateway sends on an agent's first control stream when a
+// change of the agent's grant (`wicket agents disallow`) stops routing resources the agent
+// serves, so the agent learns of it at once rather than at its next Hello. Older agents
+// ignore it.
+type Withdrawn struct {
+	Withdrawn []Refusal `json:"withdrawn"`
+}
+
 // Control frames JSON messages on a KindControl stream: each message is a
 // 4-byte big-endian length followed by that many bytes of JSON (PROTOCOL.md,
 // "Control stream"). Send and Recv may be called concurrently with each other;
