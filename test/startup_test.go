@@ -128,8 +128,17 @@ func TestStartupErrors(t *testing.T) {
 			return existing, []string{"--db", "postgresql://wicket:s3cretpw@" + closedPort(t) + "/wicket?connect_timeout=5"}
 		}, []string{"cannot reach the CA database", "--db"}},
 		{"data dir in use", func(t *testing.T) (string, []string) {
+			started := func() int {
+				b, _ := os.ReadFile(filepath.Join(existing, "audit.log"))
+				return strings.Count(string(b), `"type":"gateway.started"`)
+			}
+			before := started()
 			running := h.StartGateway(GatewayOptions{DataDir: existing})
 			t.Cleanup(func() { _ = running.Stop() })
+			// The running gateway writes gateway.started just after it logs that it
+			// listens: the snapshot is taken after that, so only the second start could
+			// change the directory.
+			eventually(t, "the running gateway's gateway.started record", func() bool { return started() > before })
 			return existing, nil
 		}, []string{"in use by another gateway", "--data-dir"}},
 	}
