@@ -2,36 +2,14 @@ package gateway
 
 import (
 	"net"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway/audit"
 	"github.com/wicketgw/wicket/tunnel"
+	"github.com/wicketgw/wicket/tunnel/loopback"
 )
-
-// raiseFileLimit raises this process's soft limit on open files to at least n (up to the
-// hard limit), skipping the test when that is not enough.
-func raiseFileLimit(t *testing.T, n uint64) {
-	t.Helper()
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatal(err)
-	}
-	if lim.Cur < n && lim.Max > lim.Cur {
-		old := lim.Cur
-		lim.Cur = min(lim.Max, n)
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { lim.Cur = old; _ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim) })
-	}
-	if lim.Cur < n {
-		t.Skipf("open files limited to %d, this test needs %d", lim.Cur, n)
-	}
-}
 
 // TestSilentConnectionsDoNotStarveHandshakes holds 5,000 silent TCP connections from one
 // source (127.0.0.2) open on the gateway port and checks that an agent still reconnects and
@@ -39,7 +17,6 @@ func raiseFileLimit(t *testing.T, n uint64) {
 func TestSilentConnectionsDoNotStarveHandshakes(t *testing.T) {
 	checkLeaks(t)
 	const silent = 5000
-	raiseFileLimit(t, 2*silent+1000)
 	tg := startGateway(t, nil)
 	agentCreds := tg.enroll(ca.RoleAgent, "db1")
 	userCreds := tg.enroll(ca.RoleUser, "alice")
@@ -49,45 +26,7 @@ func TestSilentConnectionsDoNotStarveHandshakes(t *testing.T) {
 	}
 	a.close()
 
-	var (
-		mu    sync.Mutex
-		conns []net.Conn
-		wg    sync.WaitGroup
-		next  = make(chan struct{})
-	)
-	defer func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range conns {
-			_ = c.Close()
-		}
-	}()
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 10 * time.Second}
-	start := time.Now()
-	for range 32 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for range next {
-				c, err := d.Dial("tcp", tg.Addr().String())
-				if err != nil {
-					continue
-				}
-				mu.Lock()
-				conns = append(conns, c)
-				mu.Unlock()
-			}
-		}()
-	}
-	for range silent {
-		next <- struct{}{}
-	}
-	close(next)
-	wg.Wait()
-	t.Logf("%d silent connections from 127.0.0.2 opened in %s", len(conns), time.Since(start).Round(time.Millisecond))
-	if len(conns) < silent*9/10 {
-		t.Fatalf("only %d of %d silent connections could be opened", len(conns), silent)
-	}
+	conns := loopback.SilentConns(t, tg.Addr().String(), net.IPv4(127, 0, 0, 2), silent)
 	total, fromSrc := tg.handshakes.inProgress("127.0.0.2")
 	t.Logf("handshakes in progress: %d, from 127.0.0.2: %d", total, fromSrc)
 	if fromSrc > maxHandshakesPerSource {

@@ -3,9 +3,10 @@ package test
 import (
 	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/wicketgw/wicket/tunnel/loopback"
 )
 
 // TestSilentConnectionsFromOneSource holds 5,000 silent TCP connections from 127.0.0.2 on
@@ -19,49 +20,13 @@ func TestSilentConnectionsFromOneSource(t *testing.T) {
 	agent, agentDir := h.StartAgent(gw, "db1", "echo="+echo)
 	userDir := h.Login(gw, "alice")
 
-	var (
-		mu    sync.Mutex
-		conns []net.Conn
-		wg    sync.WaitGroup
-		next  = make(chan struct{})
-	)
-	defer func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range conns {
-			_ = c.Close()
-		}
-	}()
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 10 * time.Second}
-	t0 := time.Now()
-	for range 32 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for range next {
-				if c, err := d.Dial("tcp", gw.Addr); err == nil {
-					mu.Lock()
-					conns = append(conns, c)
-					mu.Unlock()
-				}
-			}
-		}()
-	}
-	for range silent {
-		next <- struct{}{}
-	}
-	close(next)
-	wg.Wait()
-	t.Logf("%d silent connections from 127.0.0.2 opened in %s", len(conns), time.Since(t0).Round(time.Millisecond))
-	if len(conns) < silent*9/10 {
-		t.Fatalf("only %d of %d silent connections could be opened", len(conns), silent)
-	}
+	conns := loopback.SilentConns(t, gw.Addr, net.IPv4(127, 0, 0, 2), silent)
 
 	// The agent restarts from its stored identity: time from start to "connected".
 	if err := agent.Stop(); err != nil {
 		t.Logf("agent stop: %v", err)
 	}
-	t0 = time.Now()
+	t0 := time.Now()
 	agent = h.StartAgentWith("", agentDir, nil, "echo="+echo)
 	agent.WaitFor(`connected to the gateway`)
 	agentTook := time.Since(t0)
