@@ -243,12 +243,6 @@ func (s *Session) writeTimedOut() {
 	s.log.Warn("tunnel connection write timed out; closing the session", "timeout", s.cfg.ConnectionWriteTimeout)
 }
 
-// closeWith records why the session ends and closes it.
-func (s *Session) closeWith(reason error) {
-	s.setErr(reason)
-	s.Close()
-}
-
 func (s *Session) setErr(reason error) {
 	s.errMu.Lock()
 	if s.err == nil {
@@ -487,12 +481,8 @@ func (s *Session) reject(ys *yamux.Stream, err error) {
 	err = mapErr(err)
 	s.log.Warn("refused tunnel stream", "stream", ys.StreamID(), "err", err)
 	ys.SetWriteDeadline(time.Now().Add(s.cfg.ConnectionWriteTimeout))
-	if _, werr := ys.Write(appendReply(nil, StatusRefused, err.Error())); werr != nil &&
-		errors.Is(werr, yamux.ErrConnectionWriteTimeout) {
-		// As writeFailed, without waiting for the session's goroutines: this is one of them.
-		s.log.Warn("tunnel connection write timed out; closing the session", "timeout", s.cfg.ConnectionWriteTimeout)
-		s.setErr(ErrWriteTimeout)
-		_ = s.shutdown()
+	if _, werr := ys.Write(appendReply(nil, StatusRefused, err.Error())); werr != nil {
+		s.writeFailed(werr)
 	}
 	ys.Close()
 }
@@ -503,7 +493,10 @@ func (s *Session) reject(ys *yamux.Stream, err error) {
 func (s *Session) writeFailed(err error) {
 	if errors.Is(err, yamux.ErrConnectionWriteTimeout) {
 		s.log.Warn("tunnel connection write timed out; closing the session", "timeout", s.cfg.ConnectionWriteTimeout)
-		s.closeWith(ErrWriteTimeout)
+		s.setErr(ErrWriteTimeout)
+		// Not Close: the caller may be one of the goroutines Close waits for (a header
+		// reader refusing a stream); the session's owner closes it and waits.
+		_ = s.shutdown()
 	}
 }
 
