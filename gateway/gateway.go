@@ -17,8 +17,9 @@
 //     one (no stream lost in a renewal).
 //   - A later Hello (the agent's resources changed) comes on a new control stream rather than
 //     on the first one, so the gateway serves everything an agent opens from one loop and an
-//     idle agent session costs two gateway goroutines: that loop (serveAgent, agentLoop) and
-//     the session's stream acceptor (tunnel.Session.AcceptStream; tunnel/PROTOCOL.md).
+//     idle agent session costs one gateway goroutine, that loop (serveAgent, agentLoop), which
+//     sits in tunnel.Session.AcceptStream; a stream's header is read by a goroutine that lives
+//     only while it reads (tunnel/PROTOCOL.md).
 //   - Agents and users present their leaf certificate only; the gateway, being the CA, verifies
 //     against its own intermediate (ca.Authority.VerifyPeer).
 //   - The CA API's port requests a client certificate without requiring it, and the gateway

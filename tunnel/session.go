@@ -163,17 +163,17 @@ type Session struct {
 	kaStopped bool
 	kaWG      sync.WaitGroup
 
-	// The peer's streams are accepted by one goroutine, started by the first AcceptStream,
-	// and each header is read by a goroutine of its own (acceptLoop), so that a stream whose
-	// header is late does not hold up the next one.
-	acceptMu      sync.Mutex // orders the start of acceptLoop against Close's wait
-	acceptStarted bool
-	acceptClosing bool
-	accepted      chan *Stream  // streams whose header was read, for AcceptStream
-	acceptDone    chan struct{} // closed when acceptLoop ends (the session is closed)
-	acceptErr     error         // why acceptLoop ended; set before acceptDone is closed
-	headerSlots   chan struct{} // bounds the headers being read or waiting for AcceptStream
-	acceptWG      sync.WaitGroup
+	// AcceptStream accepts the peer's streams on its caller's goroutine and reads each
+	// header in a goroutine of its own, which lives only while it reads, so that a stream
+	// whose header is late does not hold up the next one and an idle session costs no
+	// goroutine for it. AcceptStream is called by one goroutine at a time.
+	acceptMu      sync.Mutex         // orders header readers' start against Close's wait
+	acceptClosing bool               // Close is waiting for the header readers
+	acceptCancel  context.CancelFunc // ends the yamux accept AcceptStream is in, when a header is done
+	ready         []*Stream          // streams whose header was read, oldest first (acceptMu)
+	headerDone    chan struct{}      // a header reader finished (capacity 1: a wake-up, not a count)
+	headerSlots   chan struct{}      // one per stream being read or waiting in accepted
+	acceptWG      sync.WaitGroup     // the header readers
 }
 
 // maxPendingHeaders bounds, per session, the accepted streams whose header is being read or
@@ -187,8 +187,7 @@ func newSession(conn *tls.Conn, cfg Config, client bool) (*Session, error) {
 		log:    cfg.logger().With("remote", conn.RemoteAddr().String()),
 		client: client,
 
-		accepted:    make(chan *Stream),
-		acceptDone:  make(chan struct{}),
+		headerDone:  make(chan struct{}, 1),
 		headerSlots: make(chan struct{}, maxPendingHeaders),
 	}
 	wc := newFrameConn(conn, cfg.ConnectionWriteTimeout, s.writeTimedOut)
@@ -401,60 +400,110 @@ func (s *Session) OpenStream(ctx context.Context, h Header) (*Stream, error) {
 // once): a stream whose header never arrives does not hold up the next stream on the
 // session. Streams are returned in the order their headers complete.
 func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
-	s.acceptMu.Lock()
-	if !s.acceptStarted && !s.acceptClosing {
-		s.acceptStarted = true
-		s.acceptWG.Add(1)
-		go func() {
-			defer s.acceptWG.Done()
-			s.acceptLoop()
-		}()
-	}
-	started := s.acceptStarted
-	s.acceptMu.Unlock()
-	if !started {
-		return nil, fmt.Errorf("accept stream: %w", ErrSessionClosed)
-	}
-	select {
-	case st := <-s.accepted:
-		return st, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case <-s.acceptDone:
-		return nil, s.acceptErr
-	}
-}
-
-// acceptLoop accepts the peer's streams until the session closes and reads each header in a
-// goroutine of its own (readStreamHeader).
-func (s *Session) acceptLoop() {
-	defer close(s.acceptDone)
 	for {
-		ys, err := s.ys.AcceptStream()
-		if err != nil {
-			s.acceptErr = fmt.Errorf("accept stream: %w", mapErr(err))
-			return
+		if st := s.popReady(); st != nil {
+			<-s.headerSlots
+			return st, nil
 		}
 		select {
-		case s.headerSlots <- struct{}{}:
-		case <-s.ys.CloseChan():
+		case s.headerSlots <- struct{}{}: // room to read one more header
+		default: // as many headers as allowed are in flight: wait for one
+			select {
+			case <-s.headerDone:
+				continue
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-s.ys.CloseChan():
+				return nil, fmt.Errorf("accept stream: %w", ErrSessionClosed)
+			}
+		}
+		ys, err := s.acceptYamux(ctx)
+		if ys == nil {
+			<-s.headerSlots
+			if err != nil {
+				return nil, err
+			}
+			continue // a header reader finished meanwhile
+		}
+		s.acceptMu.Lock()
+		if s.acceptClosing {
+			s.acceptMu.Unlock()
 			ys.Close()
-			continue // AcceptStream now fails with the session's error
+			<-s.headerSlots
+			return nil, fmt.Errorf("accept stream: %w", ErrSessionClosed)
 		}
 		s.acceptWG.Add(1)
+		s.acceptMu.Unlock()
 		go func() {
 			defer s.acceptWG.Done()
-			defer func() { <-s.headerSlots }()
 			s.readStreamHeader(ys)
 		}()
 	}
 }
 
-// readStreamHeader reads the header of ys and hands the stream to AcceptStream, or refuses it.
+// popReady takes the oldest stream whose header was read, or returns nil.
+func (s *Session) popReady() *Stream {
+	s.acceptMu.Lock()
+	defer s.acceptMu.Unlock()
+	if len(s.ready) == 0 {
+		return nil
+	}
+	st := s.ready[0]
+	s.ready = s.ready[1:]
+	if len(s.ready) == 0 {
+		s.ready = nil // an idle session keeps no array
+	}
+	return st
+}
+
+// acceptYamux waits for the peer's next yamux stream, and gives up early (nil, nil) when a
+// header reader finishes, so that AcceptStream can return its stream.
+func (s *Session) acceptYamux(ctx context.Context) (*yamux.Stream, error) {
+	actx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s.acceptMu.Lock()
+	s.acceptCancel = cancel
+	s.acceptMu.Unlock()
+	defer func() {
+		s.acceptMu.Lock()
+		s.acceptCancel = nil
+		s.acceptMu.Unlock()
+	}()
+	select {
+	case <-s.headerDone: // one finished before the cancel was in place
+		return nil, nil
+	default:
+	}
+	ys, err := s.ys.AcceptStreamWithContext(actx)
+	switch {
+	case err == nil:
+		return ys, nil
+	case ctx.Err() != nil:
+		return nil, ctx.Err()
+	case actx.Err() != nil:
+		return nil, nil
+	}
+	return nil, fmt.Errorf("accept stream: %w", mapErr(err))
+}
+
+// readStreamHeader reads the header of ys and hands the stream to AcceptStream, or refuses
+// it; either way it wakes AcceptStream.
 func (s *Session) readStreamHeader(ys *yamux.Stream) {
+	defer func() {
+		s.acceptMu.Lock()
+		if s.acceptCancel != nil {
+			s.acceptCancel()
+		}
+		s.acceptMu.Unlock()
+		select {
+		case s.headerDone <- struct{}{}:
+		default:
+		}
+	}()
 	ys.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
 	h, err := readHeader(ys, s.cfg.MaxHeaderSize)
 	if err != nil {
+		<-s.headerSlots
 		if s.ys.IsClosed() {
 			ys.Close()
 			return
@@ -464,11 +513,9 @@ func (s *Session) readStreamHeader(ys *yamux.Stream) {
 	}
 	ys.SetReadDeadline(time.Time{})
 	st := newStream(s, ys, h, true)
-	select {
-	case s.accepted <- st:
-	case <-s.ys.CloseChan():
-		st.Close()
-	}
+	s.acceptMu.Lock()
+	s.ready = append(s.ready, st) // its slot is released when AcceptStream takes it
+	s.acceptMu.Unlock()
 }
 
 // reject answers a stream whose header could not be read and closes it.
