@@ -398,7 +398,8 @@ func (s *Session) OpenStream(ctx context.Context, h Header) (*Stream, error) {
 //
 // Headers are read concurrently, one goroutine per stream (at most maxPendingHeaders at
 // once): a stream whose header never arrives does not hold up the next stream on the
-// session. Streams are returned in the order their headers complete.
+// session. Streams are returned in the order their headers complete. AcceptStream is meant
+// for one accept loop: call it from one goroutine at a time.
 func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
 	for {
 		if st := s.popReady(); st != nil {
