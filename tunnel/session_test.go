@@ -341,13 +341,19 @@ func TestCloseFlushesQueuedBytes(t *testing.T) {
 	for i := range payload {
 		payload[i] = byte(rand.Uint32())
 	}
+	// The server writes and closes only once the client's OpenStream has returned: a session
+	// closed while the client's own header write is still being confirmed fails that write
+	// (yamux reports the shutdown, not the sent frame), which is not what this test is about.
+	opened := make(chan struct{})
 	srv := startServer(t, p, cfg, func(st *Stream) {
 		st.Reply(StatusOK, "")
+		<-opened
 		st.Write(payload)
 		st.Session().Close()
 	})
 	s := dialTest(t, p, srv.addr(), cfg)
 	st, err := s.OpenStream(context.Background(), Header{Kind: KindData, Resource: "x"})
+	close(opened)
 	if err != nil {
 		t.Fatal(err)
 	}
