@@ -187,6 +187,9 @@ func (d *acmeDB) UpdateExternalAccountKey(ctx context.Context, provisionerID str
 			return fmt.Errorf("record the agent ACME account: %w", err)
 		}
 	}
+	if provisionerID == acmeProvisionerName {
+		return d.recordACMEAccount(eak)
+	}
 	return nil
 }
 
@@ -194,6 +197,9 @@ func (d *acmeDB) UpdateExternalAccountKey(ctx context.Context, provisionerID str
 // the account was bound with and the policy that allows only its agent's name. An
 // agents account without one may order nothing.
 func (d *acmeDB) GetExternalAccountKeyByAccountID(ctx context.Context, provisionerID, accountID string) (*acme.ExternalAccountKey, error) {
+	if provisionerID == acmeProvisionerName {
+		return d.acmeKeyOfAccount(ctx, accountID)
+	}
 	if provisionerID != agentACMEProvisionerName {
 		return d.DB.GetExternalAccountKeyByAccountID(ctx, provisionerID, accountID)
 	}

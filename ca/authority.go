@@ -123,6 +123,7 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 	if onIssued := cfg.ACME.OnIssued; onIssued != nil {
 		adb.onACMEIssued = func(leaf *x509.Certificate) { onIssued(leaf.DNSNames, leaf.SerialNumber.String()) }
 	}
+	adb.onACMERevoked = cfg.ACME.OnRevoked
 	if cfg.AgentACME != nil && cfg.AgentACME.OnIssued != nil {
 		onIssued := cfg.AgentACME.OnIssued
 		adb.onAgentACMEIssued = func(leaf *x509.Certificate) {

@@ -123,6 +123,12 @@ type ACMEConfig struct {
 	// OnIssued, if set, is called after the provisioner issued a certificate (its DNS names
 	// and serial), e.g. for the gateway's metrics and audit log.
 	OnIssued func(dnsNames []string, serial string)
+	// OnOrder, if set, is called after every new-order request was answered, created or
+	// refused (ACMEOrder says which, and why).
+	OnOrder func(ACMEOrder)
+	// OnRevoked, if set, is called after a certificate of this provisioner was revoked
+	// through ACME (revokeCert), with its serial (decimal).
+	OnRevoked func(serial string)
 }
 
 func (c *Config) setDefaults() error {

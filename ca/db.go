@@ -66,6 +66,9 @@ type authDB struct {
 	onRevokedAgentACME func(serial string) error
 	// onAgentACMEIssued is called after an agents-ACME certificate is stored.
 	onAgentACMEIssued func(leaf *x509.Certificate)
+	// onACMERevoked is called after a certificate of the "acme" provisioner was revoked by
+	// its ACME account (RFC 8555 revokeCert).
+	onACMERevoked func(serial string)
 	// onACMEIssued is called after a certificate of the public ACME provisioner is stored.
 	onACMEIssued func(leaf *x509.Certificate)
 }
@@ -137,7 +140,7 @@ func (d *authDB) init() error {
 	if err := d.CreateTable(issuedTable); err != nil {
 		return fmt.Errorf("create table %s: %w", issuedTable, err)
 	}
-	for _, t := range [][]byte{agentEABTableName, agentAccountTableName} {
+	for _, t := range [][]byte{agentEABTableName, agentAccountTableName, acmeEABAccountTableName} {
 		if err := d.CreateTable(t); err != nil {
 			return fmt.Errorf("create table %s: %w", t, err)
 		}
@@ -181,6 +184,9 @@ func (d *authDB) Revoke(rci *stepdb.RevokedCertificateInfo) error {
 	}
 	if err == nil && d.onRevoke != nil {
 		d.onRevoke(rci.Serial)
+	}
+	if err == nil && rci.ACME && rci.ProvisionerID != agentACMEProvisionerName && d.onACMERevoked != nil {
+		d.onACMERevoked(rci.Serial)
 	}
 	return err
 }

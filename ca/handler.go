@@ -65,6 +65,12 @@ func (g *guard) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if len(g.a.cfg.ACME.AllowedNames) > 0 && r.Method == http.MethodPost &&
+		r.URL.Path == "/acme/"+acmeProvisionerName+"/new-order" {
+		g.serveOrgNewOrder(w, r)
+		return
+	}
+
 	switch r.URL.Path {
 	case "/renew", "/1.0/renew", "/rekey", "/1.0/rekey", "/re-sign", "/1.0/re-sign":
 		if r.Method == http.MethodPost && !g.checkRenewal(w, r) {
