@@ -65,6 +65,12 @@ type Config struct {
 	// keep their connection, and the gateway learns it from a later Hello on
 	// a new control stream, without the session being interrupted.
 	ExposeUpdates <-chan map[string]string
+	// ACMEHosts maps DNS names this agent vouches for in ACME validation to the address
+	// validation connections for them are sent to (ParseACMEHostAddr: HOST, or
+	// HOST:HTTP01PORT[:TLSALPN01PORT]). The gateway routes them here only for names its
+	// administrator allowed this agent name (`wicket agents allow NAME --acme-hosts`).
+	// Default none.
+	ACMEHosts map[string]string
 	// Tunnel holds the session knobs. Zero: tunnel.DefaultConfig().
 	Tunnel tunnel.Config
 	// DialTimeout bounds dialing a resource. Default 10s.
@@ -165,6 +171,9 @@ func (c *Config) setDefaults() error {
 	if err := validateExpose(c.Expose); err != nil {
 		return err
 	}
+	if _, err := validateACMEHosts(c.ACMEHosts); err != nil {
+		return err
+	}
 	if c.Tunnel == (tunnel.Config{}) {
 		c.Tunnel = tunnel.DefaultConfig()
 	}
@@ -241,7 +250,9 @@ type agent struct {
 	host     string
 	instance string
 	exposed  atomic.Pointer[exposure]
-	announce chan struct{} // the exposed resources changed: send the gateway a later Hello
+	// acmeHosts are the names declared for ACME validation (Config.ACMEHosts), fixed.
+	acmeHosts map[string]acmeTarget
+	announce  chan struct{} // the exposed resources changed: send the gateway a later Hello
 
 	drains       sync.WaitGroup // sessions being drained after a switch
 	lastDiagnose time.Time
@@ -278,10 +289,15 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 		}
 		return c, nil
 	}
+	acmeHosts, err := validateACMEHosts(cfg.ACMEHosts)
+	if err != nil {
+		return nil, err
+	}
 	a := &agent{
-		cfg:  cfg,
-		log:  log,
-		meta: stored.Meta,
+		cfg:       cfg,
+		log:       log,
+		acmeHosts: acmeHosts,
+		meta:      stored.Meta,
 		renewer: identity.NewRenewer(stored, identity.RenewerConfig{
 			Dir: cfg.DataDir, Renew: countedRenew, Logger: log, Now: cfg.Now, After: cfg.After, Period: cfg.RenewPeriod,
 		}),
@@ -421,7 +437,8 @@ func (a *agent) announceResources(ctx context.Context, s *session) {
 	names := a.exposed.Load().names
 	ctl, err := s.sess.OpenControl(ctx)
 	if err == nil {
-		err = ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: names})
+		err = ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: names,
+			ACMEHosts: a.acmeHostNames()})
 		if err == nil {
 			// The gateway answers with the resources it refuses; an older one closes instead.
 			stop := context.AfterFunc(ctx, func() { ctl.Stream().SetReadDeadline(time.Unix(1, 0)) })

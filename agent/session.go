@@ -142,7 +142,8 @@ func (a *agent) hello(ctx context.Context, ts *tunnel.Session) (*tunnel.Control,
 	if err != nil {
 		return nil, ack, err
 	}
-	if err := ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: a.exposed.Load().names}); err != nil {
+	if err := ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: a.exposed.Load().names,
+		ACMEHosts: a.acmeHostNames()}); err != nil {
 		return nil, ack, err
 	}
 	stop := context.AfterFunc(ctx, func() { ctl.Stream().SetReadDeadline(time.Unix(1, 0)) })
@@ -193,12 +194,12 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 		st.Close()
 		return
 	}
-	target, ok := a.exposed.Load().targets[h.Resource]
+	target, ok, why := a.target(h)
 	if !ok {
 		a.cfg.Stats.StreamsRefused.Add(1)
-		log.Warn("refused a stream for a resource this agent does not expose")
+		log.Warn("refused a stream for a resource this agent does not expose", "reason", why)
 		// The gateway prefixes reasons with the agent's name; keep them short.
-		_ = st.Reply(tunnel.StatusUnknownResource, fmt.Sprintf("resource %s is not exposed by this agent", h.Resource))
+		_ = st.Reply(tunnel.StatusUnknownResource, why)
 		st.Close()
 		return
 	}

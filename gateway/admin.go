@@ -89,6 +89,11 @@ func (g *Gateway) adminHandler() http.Handler {
 	})
 	mux.HandleFunc("DELETE /v1/agents/{name}", g.adminForget)
 	mux.HandleFunc("POST /v1/agents/{name}/grants", g.adminGrant)
+	mux.HandleFunc("POST /v1/agents/{name}/acme-hosts", g.adminACMEHostGrant)
+	mux.HandleFunc("POST /v1/acme/eab", g.adminACMEEAB)
+	mux.HandleFunc("GET /v1/acme", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, g.acmeStatus())
+	})
 	mux.HandleFunc("POST /v1/users/{name}/revoke", func(w http.ResponseWriter, r *http.Request) {
 		g.adminRevoke(w, r, ca.RoleUser)
 	})

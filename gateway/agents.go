@@ -104,9 +104,11 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 	g.agentsChanged()
 	g.counters.agentSessions.Add(1)
 	g.claimsRefused(log, ident, p, newlyRefused, "")
+	acmeRefused := g.acmeHostsDeclared(log, ident, p, as, hello.ACMEHosts)
 	ack := tunnel.Hello{Name: gatewayID, Instance: p.id, Version: g.cfg.Version,
-		Refused: refusals(ident.Name, g.registry.refusedOf(as))}
+		Refused: append(refusals(ident.Name, g.registry.refusedOf(as)), acmeRefused...)}
 	if err := ctl.Send(ack); err != nil {
+		g.acmeRoutes.drop(as)
 		g.registry.remove(as, g.clock.Now())
 		log.Warn("could not acknowledge the agent hello", "err", err)
 		_ = st.Close()
@@ -158,6 +160,7 @@ func (g *Gateway) agentLoop(log *slog.Logger, ident ca.Identity, p *peer, as *ag
 	}
 	<-p.sess.Done()
 	now := g.clock.Now()
+	g.acmeRoutes.drop(as)
 	g.registry.remove(as, now)
 	g.agentsChanged()
 	reason := p.reason()
@@ -211,8 +214,9 @@ func (g *Gateway) agentStream(log *slog.Logger, ident ca.Identity, p *peer, as *
 	g.agentsChanged()
 	g.claimsRefused(log, ident, p, newlyRefused, "")
 	served, refused := g.registry.servedOf(as), g.registry.refusedOf(as)
+	acmeRefused := g.acmeHostsDeclared(log, ident, p, as, h.ACMEHosts)
 	// The answer carries the refusals; an agent that does not read it loses only those.
-	_ = st.Control().Send(tunnel.Hello{Refused: refusals(ident.Name, refused)})
+	_ = st.Control().Send(tunnel.Hello{Refused: append(refusals(ident.Name, refused), acmeRefused...)})
 	log.Info("agent updated its resources", "resources", served, "refused", refused, "version", h.Version)
 	r := audit.Record{Type: audit.TypeAgentUpdated, Remote: as.remote, SessionID: p.id, Serial: p.serial,
 		Extra: map[string]string{"resources": fmt.Sprint(served), "version": h.Version}}

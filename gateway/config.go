@@ -70,6 +70,8 @@ type Config struct {
 	RevocationSweep time.Duration
 	// Public turns on the public HTTPS listener for published HTTP resources. Default nil: off.
 	Public *PublicConfig
+	// ACMEServer turns on the ACME server for internal names (acmeserver.go). Default nil: off.
+	ACMEServer *ACMEServerConfig
 	// Tunnel configures the yamux sessions with agents and users. Default tunnel.DefaultConfig().
 	Tunnel tunnel.Config
 	// Version is reported to agents in the gateway's hello. Default "dev".

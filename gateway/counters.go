@@ -44,6 +44,7 @@ type counters struct {
 	resources  resourceCounters
 	streamOpen histogram
 	certs      labelCounter // (kind, role)
+	acme       labelCounter // ACME server: (event, outcome)
 }
 
 func (c *counters) refusedInc(reason string) {
@@ -240,6 +241,10 @@ type Snapshot struct {
 	GatewayCertExpires time.Time
 	// AgentCerts lists the connected agents' certificate expiries, sorted by name.
 	AgentCerts []AgentExpiry
+	// ACMEServer counts the ACME server's events by (event, outcome): order created|refused|error,
+	// validation_agent|validation_public|validation_direct ok|error, revoked ok, eab_key
+	// created, acme_host refused (an agent declared a name not granted to it).
+	ACMEServer map[[2]string]int64
 	// PublicACMEFailures counts failed attempts of the public listener to obtain or renew a
 	// certificate (zero without a public listener).
 	PublicACMEFailures uint64
@@ -262,6 +267,7 @@ func (g *Gateway) Snapshot() Snapshot {
 		StreamOpen:     g.counters.streamOpen.snapshot(),
 		Certificates:   map[CertCount]int64{},
 	}
+	s.ACMEServer = g.counters.acme.snapshot()
 	for k, n := range g.counters.certs.snapshot() {
 		s.Certificates[CertCount{Kind: k[0], Role: k[1]}] = n
 	}

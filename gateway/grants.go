@@ -27,9 +27,10 @@ const GrantsFileName = "grants.json"
 // grantStore holds the grants and writes them to GrantsFileName on every change. Its lock
 // is taken after the registry's (Registry.add reads it), never the other way round.
 type grantStore struct {
-	dir string
-	mu  sync.Mutex
-	m   map[string][]string // agent name -> sorted resource names
+	dir  string
+	file string // "" is GrantsFileName
+	mu   sync.Mutex
+	m    map[string][]string // agent name -> sorted resource names
 }
 
 // loadGrants reads the grants file. It returns exists=false when there is none yet; a file
@@ -135,7 +136,11 @@ func (gs *grantStore) saveLocked(m map[string][]string) error {
 	if err != nil {
 		return err
 	}
-	return identity.WriteFileAtomic(gs.dir, GrantsFileName, append(b, '\n'), 0o600)
+	file := gs.file
+	if file == "" {
+		file = GrantsFileName
+	}
+	return identity.WriteFileAtomic(gs.dir, file, append(b, '\n'), 0o600)
 }
 
 // split divides announced resources into those granted to name (served) and the others.

@@ -26,6 +26,11 @@ type Hello struct {
 	Version string `json:"version"`
 	// Resources lists the names the agent exposes.
 	Resources []string `json:"resources"`
+	// ACMEHosts lists the DNS names the agent vouches for in ACME validation
+	// (`--acme-host NAME=ADDR`): the gateway's ACME server routes their http-01 and
+	// tls-alpn-01 validation connections to this agent (acmehost.go). Older peers omit
+	// and ignore it.
+	ACMEHosts []string `json:"acme_hosts,omitempty"`
 	// Refused, in the gateway's reply to an agent's Hello, lists the announced resources
 	// the gateway does not route to that agent (not granted to its name), each with the
 	// sentence to log. Empty in an agent's Hello; older peers ignore it.

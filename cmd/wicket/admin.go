@@ -17,7 +17,7 @@ import (
 )
 
 func init() {
-	register("token", "wicket token create agent NAME --resources R1,R2 [--ttl DUR] [--acme] | wicket token create user NAME [--ttl DUR]", runToken)
+	register("token", "wicket token create agent NAME --resources R1,R2 [--ttl DUR] [--acme] | wicket token create user NAME [--ttl DUR] | wicket token create acme NAME-PATTERN", runToken)
 	register("agents", agentsUsage, runAgents)
 	register("users", "wicket users revoke NAME", runUsers)
 	register("sessions", "wicket sessions list [--json]", runSessions)
@@ -34,6 +34,7 @@ func adminClient(dir string) (*gateway.AdminClient, error) {
 
 // agentsUsage is the usage line of `wicket agents`.
 const agentsUsage = "wicket agents list [--json] | wicket agents allow|disallow NAME --resources R1,R2 | " +
+	"wicket agents allow|disallow NAME --acme-hosts H1,*.suffix | " +
 	"wicket agents revoke NAME | wicket agents forget NAME"
 
 // resourcesFlag is the comma-separated --resources list of token create and agents allow.
@@ -67,6 +68,9 @@ func runToken(ctx context.Context, args []string) error {
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
+	}
+	if len(pos) == 3 && pos[0] == "create" && pos[1] == "acme" {
+		return createACMEEAB(ctx, *dataDir, pos[2])
 	}
 	if len(pos) != 3 || pos[0] != "create" || (pos[1] != "agent" && pos[1] != "user") {
 		return errors.New("usage: wicket token create agent NAME --resources R1,R2 [--ttl DUR] [--acme] | wicket token create user NAME [--ttl DUR]")
@@ -110,11 +114,14 @@ func runAgents(ctx context.Context, args []string) error {
 	dataDir := dataDirFlag(fs)
 	asJSON := fs.Bool("json", false, "print JSON for scripts")
 	resources := resourcesFlag(fs, "for allow and disallow: the resources `R1,R2` to grant to or withdraw from the agent name")
+	acmeHosts := fs.String("acme-hosts", "", "for allow and disallow: DNS names or *.suffix patterns `H1,H2` the agent name may vouch for in ACME validation (wicket agent --acme-host)")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
 	}
 	switch {
+	case len(pos) == 2 && (pos[0] == "allow" || pos[0] == "disallow") && *acmeHosts != "":
+		return changeACMEHosts(ctx, *dataDir, pos[0], pos[1], splitList([]string{*acmeHosts}))
 	case len(pos) == 2 && (pos[0] == "allow" || pos[0] == "disallow"):
 		res, err := resources()
 		if err != nil {

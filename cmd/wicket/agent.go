@@ -26,6 +26,7 @@ type agentOpts struct {
 	printCfg                                      *bool
 	dataDir, token, tokenFile                     *string
 	expose                                        stringList
+	acmeHosts                                     stringList
 	dialTimeout, drainTimeout, grace, renewPeriod *time.Duration
 	metricsListen, logFormat, logLevel            *string
 }
@@ -41,6 +42,7 @@ func agentFlags() (*flag.FlagSet, *agentOpts) {
 	o.token = fs.String("token", "", "one-time agent token from `wicket token create agent NAME` (or an ACME enrollment credential from `... --acme`: the agent then enrolls and renews by ACME); needed only for the first start (prefer WICKET_TOKEN or --token-file: a flag is visible to every local user in ps)")
 	o.tokenFile = fs.String("token-file", "", "file holding the one-time agent token")
 	fs.Var(&o.expose, "expose", "NAME=HOST:PORT: a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE); kept in DATA-DIR/agent.json, so a restart without --expose serves the same list")
+	fs.Var(&o.acmeHosts, "acme-host", "NAME=ADDR: vouch for DNS name NAME in the gateway's ACME validation, which then reaches ADDR through this agent (HOST for ports 80 and 443, or HOST:HTTP01PORT[:TLSALPN01PORT]); the gateway's administrator must allow it: wicket agents allow AGENT --acme-hosts NAME (repeatable)")
 	o.dialTimeout = fs.Duration("dial-timeout", 10*time.Second, "how long to wait when connecting to a resource")
 	o.drainTimeout = fs.Duration("drain-timeout", 0, "after a renewal, how long the previous session may keep its streams (0: until they end or its certificate expires)")
 	o.grace = fs.Duration("grace-period", 10*time.Second, "on SIGTERM, how long streams in flight may finish (new ones go to other agents of the same name)")
@@ -67,6 +69,10 @@ func runAgent(ctx context.Context, args []string) error {
 		return err
 	}
 	resources, err := parseExpose(o.expose)
+	if err != nil {
+		return err
+	}
+	acmeHosts, err := parseACMEHosts(o.acmeHosts)
 	if err != nil {
 		return err
 	}
@@ -99,6 +105,7 @@ func runAgent(ctx context.Context, args []string) error {
 		DataDir:       *o.dataDir,
 		Token:         tok,
 		Expose:        resources,
+		ACMEHosts:     acmeHosts,
 		DialTimeout:   *o.dialTimeout,
 		DrainTimeout:  *o.drainTimeout,
 		GracePeriod:   *o.grace,

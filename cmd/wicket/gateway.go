@@ -37,6 +37,13 @@ func runGateway(ctx context.Context, args []string) error {
 	publicHTTPListen := fs.String("public-http-listen", ":80", "plain HTTP address for http-01 challenges and redirects, or off (only with --publish)")
 	acmeCA := fs.String("acme-ca", "", "ACME directory URL for public certificates; empty for Let's Encrypt, internal for the built-in CA")
 	acmeEmail := fs.String("acme-email", "", "contact e-mail of the ACME account")
+	acmeServer := fs.Bool("acme-server", false, "open the built-in CA's ACME server (/acme/acme/directory on the gateway's port) to the organization, for --acme-names")
+	var acmeNames stringList
+	fs.Var(&acmeNames, "acme-names", "with --acme-server: DNS names and *.suffix patterns (one label under suffix) it issues for, comma-separated or repeated; anything else is refused as not in --acme-names")
+	acmeEAB := fs.Bool("acme-eab", false, "with --acme-server: require External Account Binding; keys come from `wicket token create acme PATTERN`")
+	var acmeChallenges stringList
+	fs.Var(&acmeChallenges, "acme-challenges", "with --acme-server: challenge types offered, of http-01, tls-alpn-01, dns-01 (default all three)")
+	acmeLifetime := fs.Duration("acme-cert-lifetime", 24*time.Hour, "with --acme-server: lifetime of the certificates it issues (5m..24h)")
 	metricsListen := fs.String("metrics-listen", "", "HOST:PORT for Prometheus /metrics and the /healthz, /readyz probes (plain HTTP, no authentication: use loopback, e.g. 127.0.0.1:9090); empty = off")
 	logFormat, logLevel := logFlags(fs)
 	pos, err := parseFlags(fs, args)
@@ -65,7 +72,12 @@ func runGateway(ctx context.Context, args []string) error {
 		pub = &gateway.PublicConfig{Publish: publish, Listen: *publicListen, HTTPListen: *publicHTTPListen,
 			ACMECA: *acmeCA, Email: *acmeEmail}
 	}
+	acmeSrv, err := acmeServerConfig(*acmeServer, acmeNames, *acmeEAB, acmeChallenges, *acmeLifetime)
+	if err != nil {
+		return err
+	}
 	g, err := gateway.New(ctx, gateway.Config{
+		ACMEServer:     acmeSrv,
 		Public:         pub,
 		DataDir:        *dataDir,
 		Listen:         *listen,

@@ -221,6 +221,15 @@ const (
 	// TypeGrantsMigrated: at its first start with resource ownership, the gateway granted
 	// every agent it knew the resources it was last seen serving (Extra lists them).
 	TypeGrantsMigrated = "grants.migrated"
+	// TypeACMEOrder: a new-order request to the ACME server for internal names, created
+	// or refused (Reason says why, e.g. "not in --acme-names").
+	TypeACMEOrder = "acme.order"
+	// TypeACMEValidation: one validation connection of the ACME server; Extra's path says
+	// where it went: "agent" (through the session of Agent), "public" (the gateway's own
+	// public listener) or "direct" (over the network).
+	TypeACMEValidation = "acme.validation"
+	// TypeACMERevoked: a certificate of the ACME server revoked through ACME (revokeCert).
+	TypeACMERevoked = "acme.revoked"
 )
 
 // Outcome values for [Record.Outcome].

@@ -48,6 +48,7 @@ const (
 	AuditWriteFailuresTotal = "wicket_audit_write_failures_total"
 	AuditWritable           = "wicket_audit_writable"
 	AgentClaimsRefusedTotal = "wicket_agent_claims_refused_total"
+	ACMEServerEventsTotal   = "wicket_acme_server_events_total"
 )
 
 // collector turns a gateway Snapshot into metrics at each scrape.
@@ -58,6 +59,7 @@ type collector struct {
 	handshakes, handshakesRefused, certificates, gatewayExpiry, agentExpiry *prometheus.Desc
 	acmeFailures, agentSessions, userConnections, sessionsClosed            *prometheus.Desc
 	auditFailures, auditWritable, claimsRefused                             *prometheus.Desc
+	acmeServer                                                              *prometheus.Desc
 }
 
 // NewCollector returns a prometheus.Collector exporting src's Snapshot.
@@ -96,6 +98,9 @@ func NewCollector(src Source) prometheus.Collector {
 			"the audit log was unavailable."),
 		claimsRefused: d(AgentClaimsRefusedTotal, "Resources agents announced that are not granted to their "+
 			"name, so not routed to them (once per agent session and resource; the audit log has agent.claim_refused)."),
+		acmeServer: d(ACMEServerEventsTotal, "Events of the ACME server for internal names, by event (order, "+
+			"validation_agent, validation_public, validation_direct, revoked, eab_key, acme_host) and outcome "+
+			"(created, refused, error, ok); issuances are in "+CertificatesTotal+"{role=\"server\"}.", "event", "outcome"),
 		auditWritable: d(AuditWritable, "1 while the audit log can be written, 0 while it cannot (access-creating "+
 			"events are refused meanwhile, and /readyz reports the audit check)."),
 	}
@@ -104,7 +109,7 @@ func NewCollector(src Source) prometheus.Collector {
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.agentsConnected, c.sessionsActive, c.sessionsTotal, c.streamBytes,
 		c.streamOpen, c.handshakes, c.handshakesRefused, c.certificates, c.gatewayExpiry, c.agentExpiry,
-		c.acmeFailures, c.agentSessions, c.userConnections, c.sessionsClosed, c.auditFailures, c.auditWritable, c.claimsRefused} {
+		c.acmeFailures, c.agentSessions, c.userConnections, c.sessionsClosed, c.auditFailures, c.auditWritable, c.claimsRefused, c.acmeServer} {
 		ch <- d
 	}
 }
@@ -159,6 +164,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.sessionsClosed, float64(s.SessionsClosedExpired), "expired")
 	counter(c.auditFailures, float64(s.AuditWriteFailures))
 	counter(c.claimsRefused, float64(s.ClaimsRefused))
+	for k, n := range s.ACMEServer {
+		counter(c.acmeServer, float64(n), k[0], k[1])
+	}
 	writable := 0.0
 	if s.AuditWritable {
 		writable = 1
