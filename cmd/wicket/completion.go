@@ -32,6 +32,7 @@ var subcommands = map[string][]string{
 	"users":      {"revoke"},
 	"sessions":   {"list"},
 	"audit":      {"verify"},
+	"ca":         {"status"},
 	"completion": {"bash", "zsh", "fish"},
 }
 
