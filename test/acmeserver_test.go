@@ -298,3 +298,105 @@ func waitAuditExtra(t *testing.T, gw *Gateway, kv, extra map[string]string) {
 		return false
 	})
 }
+
+// certbotBin is the certbot client; the test fails (never skips) without it.
+func certbotBin(t *testing.T) string {
+	t.Helper()
+	p, err := exec.LookPath("certbot")
+	if err != nil {
+		t.Fatal("certbot is not installed: apt-get install -y certbot (the ACME server's end-to-end tests run the real client)")
+	}
+	return p
+}
+
+// runCertbot runs certbot with its state in dir, trusting root.
+func runCertbot(t *testing.T, root, dir string, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	full := append(args, "--non-interactive", "--config-dir", filepath.Join(dir, "config"),
+		"--work-dir", filepath.Join(dir, "work"), "--logs-dir", filepath.Join(dir, "logs"))
+	cmd := exec.CommandContext(ctx, certbotBin(t), full...)
+	cmd.Env = append(os.Environ(), "REQUESTS_CA_BUNDLE="+root)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// TestACMEServerCertbot: certbot (standalone http-01 on a loopback port only the agent
+// dials) issues, renews and revokes a certificate, with and without EAB.
+func TestACMEServerCertbot(t *testing.T) {
+	for _, eab := range []bool{false, true} {
+		t.Run(map[bool]string{false: "without EAB", true: "with EAB"}[eab], func(t *testing.T) {
+			h := NewHarness(t)
+			args := []string{"--acme-server", "--acme-names", "*.svc.wicket.test"}
+			if eab {
+				args = append(args, "--acme-eab")
+			}
+			gw := h.StartGateway(GatewayOptions{Args: args})
+			gw.MustAdmin("agents", "allow", "vouch", "--acme-hosts", "web.svc.wicket.test")
+			challenge := freeAddr(t)
+			h.StartAgentWith(gw.AgentToken("vouch", []string{"echo"}), h.Dir("agent-vouch"),
+				[]string{"--acme-host", "web.svc.wicket.test=127.0.0.1:" + hostPort(t, challenge)}, "echo="+echoServer(t))
+			gw.WaitAgentOnline("vouch", "echo")
+			dirURL, root := acmeStatus(t, gw)
+			dir := h.Dir("certbot")
+			issue := []string{"certonly", "--standalone", "--preferred-challenges", "http",
+				"--http-01-address", "127.0.0.1", "--http-01-port", hostPort(t, challenge),
+				"--server", dirURL, "--agree-tos", "--register-unsafely-without-email", "-d", "web.svc.wicket.test"}
+			if eab {
+				keyOut := gw.MustAdmin("token", "create", "acme", "web.svc.wicket.test")
+				kid := regexp.MustCompile(`(?m)^eab-kid: (\S+)$`).FindStringSubmatch(keyOut)
+				hmac := regexp.MustCompile(`(?m)^eab-hmac-key: (\S+)$`).FindStringSubmatch(keyOut)
+				if kid == nil || hmac == nil {
+					t.Fatalf("token create acme printed %q", keyOut)
+				}
+				issue = append(issue, "--eab-kid", kid[1], "--eab-hmac-key", hmac[1])
+			}
+			out, err := runCertbot(t, root, dir, issue...)
+			if err != nil {
+				t.Fatalf("certbot certonly: %v\n%s", err, out)
+			}
+			live := filepath.Join(dir, "config", "live", "web.svc.wicket.test")
+			leaf := certbotLeaf(t, live, "web.svc.wicket.test", root)
+			waitAuditExtra(t, gw, map[string]string{"type": "acme.validation", "agent": "vouch", "outcome": "ok"},
+				map[string]string{"dns_name": "web.svc.wicket.test", "path": "agent"})
+
+			out, err = runCertbot(t, root, dir, "renew", "--force-renewal", "--no-random-sleep-on-renew")
+			if err != nil {
+				t.Fatalf("certbot renew: %v\n%s", err, out)
+			}
+			renewed := certbotLeaf(t, live, "web.svc.wicket.test", root)
+			if renewed.SerialNumber.Cmp(leaf.SerialNumber) == 0 {
+				t.Fatal("certbot renew kept the same certificate")
+			}
+			gw.WaitAudit(map[string]string{"type": "cert.issued", "serial": renewed.SerialNumber.String()})
+
+			out, err = runCertbot(t, root, dir, "revoke", "--cert-name", "web.svc.wicket.test", "--no-delete-after-revoke",
+				"--server", dirURL)
+			if err != nil {
+				t.Fatalf("certbot revoke: %v\n%s", err, out)
+			}
+			gw.WaitAudit(map[string]string{"type": "acme.revoked", "serial": renewed.SerialNumber.String()})
+		})
+	}
+}
+
+// certbotLeaf reads and checks (legoCert's checks) the certificate certbot keeps in live.
+func certbotLeaf(t *testing.T, live, name, root string) *x509.Certificate {
+	t.Helper()
+	tmp := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(tmp, "certificates"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for src, dst := range map[string]string{"fullchain.pem": name + ".crt", "privkey.pem": name + ".key"} {
+		b, err := os.ReadFile(filepath.Join(live, src))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(tmp, "certificates", dst), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	leaf, _ := legoCert(t, tmp, name, root)
+	return leaf
+}
