@@ -110,7 +110,7 @@ func (g *Gateway) acmeValidationDialer(publicDial func(ctx context.Context, netw
 				rec.Outcome, rec.Reason, outcome = audit.OutcomeError, err.Error(), "error"
 			}
 			g.counters.acme.inc("validation_"+path, outcome)
-			g.record(rec)
+			g.recordRefusal(rec, err != nil)
 			return conn, err
 		}
 		if _, ok := published[name]; ok && publicDial != nil {
@@ -166,9 +166,26 @@ func (g *Gateway) onACMEOrder(o ca.ACMEOrder) {
 		if o.Status >= 500 {
 			rec.Outcome, outcome = audit.OutcomeError, "error"
 		}
-		g.log.Info("ACME order refused", "dns_names", o.Names, "reason", rec.Reason)
 	}
 	g.counters.acme.inc("order", outcome)
+	g.recordRefusal(rec, o.Status >= 400)
+}
+
+// recordRefusal writes rec; a refusal (refused true) goes through the refused-request limit,
+// since anyone who reaches the port can cause one (the new-order pre-check runs before
+// step-ca verifies the request's signature).
+func (g *Gateway) recordRefusal(rec audit.Record, refused bool) {
+	if !refused {
+		g.record(rec)
+		return
+	}
+	ok, suppressed := g.caRefusedLimit.allow(time.Now())
+	if !ok {
+		return
+	}
+	if suppressed > 0 {
+		rec.Extra["suppressed_before"] = fmt.Sprint(suppressed)
+	}
 	g.record(rec)
 }
 
