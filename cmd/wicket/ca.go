@@ -62,4 +62,3 @@ func printACMEStatus(w io.Writer, st gateway.ACMEStatus) error {
 	_, err := io.WriteString(w, b.String())
 	return err
 }
-
