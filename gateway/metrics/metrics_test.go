@@ -44,18 +44,20 @@ func TestCollectorExportsSnapshot(t *testing.T) {
 		GatewayCertExpires: now.Add(time.Hour),
 		AgentCerts:         []gateway.AgentExpiry{{Agent: "db1", Expires: now.Add(10 * time.Minute)}},
 		AuditWriteFailures: 5,
+		ACMEServer:         map[[2]string]int64{{"validation_agent", "ok"}: 6},
 	}}
 	reg := NewRegistry(src)
 	for name, want := range map[string]float64{
-		`wicket_sessions_total{outcome="unknown_resource"}`:                 1,
-		`wicket_sessions_total{outcome="ok"}`:                               3,
-		`wicket_tls_handshakes_refused_total{reason="certificate_revoked"}`: 2,
-		`wicket_stream_bytes_total{direction="down",resource="pg"}`:         20,
-		`wicket_certificates_total{kind="issued",role="agent"}`:             4,
-		`wicket_agents_connected`:                                           1,
-		`wicket_sessions_active`:                                            2,
-		`wicket_audit_write_failures_total`:                                 5,
-		`wicket_audit_writable`:                                             0,
+		`wicket_sessions_total{outcome="unknown_resource"}`:                      1,
+		`wicket_sessions_total{outcome="ok"}`:                                    3,
+		`wicket_tls_handshakes_refused_total{reason="certificate_revoked"}`:      2,
+		`wicket_stream_bytes_total{direction="down",resource="pg"}`:              20,
+		`wicket_certificates_total{kind="issued",role="agent"}`:                  4,
+		`wicket_agents_connected`:                                                1,
+		`wicket_sessions_active`:                                                 2,
+		`wicket_audit_write_failures_total`:                                      5,
+		`wicket_audit_writable`:                                                  0,
+		`wicket_acme_server_events_total{event="validation_agent",outcome="ok"}`: 6,
 	} {
 		got, ok := scrapeValue(t, reg, name)
 		if !ok || got != want {
