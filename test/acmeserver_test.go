@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -227,8 +228,22 @@ func TestACMEServerLegoEAB(t *testing.T) {
 		[]string{"--acme-host", "db.svc.wicket.test=127.0.0.1:" + hostPort(t, legoAddr)}, "echo="+echoServer(t))
 	gw.WaitAgentOnline("vouch", "echo")
 	dirURL, root := acmeStatus(t, gw)
-	if !strings.Contains(gw.MustAdmin("ca", "status"), "acme eab:         true") {
-		t.Fatal("ca status does not say EAB is required")
+	var st struct {
+		ACME struct {
+			Enabled      bool                `json:"enabled"`
+			DirectoryURL string              `json:"directory_url"`
+			RootFile     string              `json:"root_file"`
+			RequireEAB   bool                `json:"require_eab"`
+			Challenges   []string            `json:"challenges"`
+			ACMEHosts    map[string][]string `json:"acme_hosts"`
+		} `json:"acme"`
+	}
+	if err := json.Unmarshal([]byte(gw.MustAdmin("ca", "status", "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if a := st.ACME; !a.Enabled || !a.RequireEAB || a.DirectoryURL != dirURL || a.RootFile != root ||
+		strings.Join(a.Challenges, ",") != "http-01" || strings.Join(a.ACMEHosts["vouch"], ",") != "*.svc.wicket.test" {
+		t.Fatalf("ca status --json: %+v", a)
 	}
 
 	out, err := runLego(t, dirURL, root, h.Dir("lego-noeab"), "--domains", "db.svc.wicket.test", "--http", "--http.port", legoAddr, "run")
