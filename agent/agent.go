@@ -250,12 +250,13 @@ type agent struct {
 	host     string
 	instance string
 	exposed  atomic.Pointer[exposure]
-	// acmeHosts are the names declared for ACME validation (Config.ACMEHosts), fixed.
-	acmeHosts map[string]acmeTarget
-	announce  chan struct{} // the exposed resources changed: send the gateway a later Hello
+	announce chan struct{} // the exposed resources changed: send the gateway a later Hello
 
 	drains       sync.WaitGroup // sessions being drained after a switch
 	lastDiagnose time.Time
+
+	// acmeHosts are the names declared for ACME validation (Config.ACMEHosts), fixed.
+	acmeHosts map[string]acmeTarget
 }
 
 func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
@@ -294,10 +295,9 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 		return nil, err
 	}
 	a := &agent{
-		cfg:       cfg,
-		log:       log,
-		acmeHosts: acmeHosts,
-		meta:      stored.Meta,
+		cfg:  cfg,
+		log:  log,
+		meta: stored.Meta,
 		renewer: identity.NewRenewer(stored, identity.RenewerConfig{
 			Dir: cfg.DataDir, Renew: countedRenew, Logger: log, Now: cfg.Now, After: cfg.After, Period: cfg.RenewPeriod,
 		}),
@@ -308,6 +308,7 @@ func newAgent(cfg Config, stored *identity.Stored) (*agent, error) {
 		announce: make(chan struct{}, 1),
 	}
 	a.exposed.Store(newExposure(cfg.Expose))
+	a.acmeHosts = acmeHosts
 	return a, nil
 }
 

@@ -67,27 +67,30 @@ func acmeAllowedNames(srv *ACMEServerConfig, published []string) ([]string, erro
 	return slices.Compact(out), nil
 }
 
-// acmeConfig builds the CA's ACME configuration from the ACME server's settings and the
-// names the public listener publishes with --acme-ca internal (publishedNames), and loads
-// the ACME host grants.
-func (g *Gateway) acmeConfig(published map[string]public.Host, publishedNames []string) (ca.ACMEConfig, error) {
+// prepareACMEServer loads the ACME host grants and sets the CA's ACME allow-list: the ACME
+// server's names and the names the public listener publishes with --acme-ca internal.
+func (g *Gateway) prepareACMEServer(publishedNames []string) error {
 	var err error
 	if g.acmeHostGrants, err = loadACMEHostGrants(g.cfg.DataDir); err != nil {
-		return ca.ACMEConfig{}, err
+		return err
 	}
 	g.acmeRoutes.gate = g.acmeHostGrants.allowed
-	if g.acmeNames, err = acmeAllowedNames(g.cfg.ACMEServer, publishedNames); err != nil {
-		return ca.ACMEConfig{}, err
-	}
-	c := ca.ACMEConfig{AllowedNames: g.acmeNames, OnIssued: g.onACMEIssued, OnOrder: g.onACMEOrder,
-		OnRevoked: g.onACMERevoked}
+	g.acmeNames, err = acmeAllowedNames(g.cfg.ACMEServer, publishedNames)
+	return err
+}
+
+// withACMEServer completes the public listener's ACME configuration (c: its names, its
+// validation dialer) with the ACME server's: the allow-list of prepareACMEServer, the
+// validation dialer that routes through agents, the settings, and the audit hooks.
+func (g *Gateway) withACMEServer(c ca.ACMEConfig, published map[string]public.Host) ca.ACMEConfig {
+	c.AllowedNames, c.OnOrder, c.OnRevoked = g.acmeNames, g.onACMEOrder, g.onACMERevoked
 	if len(g.acmeNames) > 0 {
-		c.DialContext = g.acmeValidationDialer(g.validationDialer(published), published)
+		c.DialContext = g.acmeValidationDialer(c.DialContext, published)
 	}
 	if srv := g.cfg.ACMEServer; srv != nil {
 		c.RequireEAB, c.Challenges, c.Lifetime = srv.RequireEAB, srv.Challenges, srv.CertLifetime
 	}
-	return c, nil
+	return c
 }
 
 // acmeValidationDialer is the CA's validation dialer: a name the public listener

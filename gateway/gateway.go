@@ -183,14 +183,15 @@ type Gateway struct {
 	claimLimit claimLimiter
 	// acmeBinds holds agents' ACME validation connections (acmebind.go).
 	acmeBinds acmeBinds
+	peers     *peerIndex
+	sessions  *sessionTable
+	counters  counters
+
 	// The ACME server for internal names (acmeserver.go, acmehosts.go): its allow-list, who
 	// may vouch for which names, and where their validations are routed.
 	acmeNames      []string
 	acmeHostGrants *grantStore
 	acmeRoutes     acmeRoutes
-	peers          *peerIndex
-	sessions       *sessionTable
-	counters       counters
 
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
@@ -297,26 +298,26 @@ func New(ctx context.Context, cfg Config) (_ *Gateway, err error) {
 		return nil, auditStartError(cfg.DataDir, err)
 	}
 	g.endPreviousRun()
-	acmeCfg, err := g.acmeConfig(published, acmeAllowed)
-	if err != nil {
+	if err := g.prepareACMEServer(acmeAllowed); err != nil {
 		return nil, err
 	}
 
 	g.authority, err = ca.New(ctx, ca.Config{
-		DataDir:              filepath.Join(cfg.DataDir, caDirName),
-		DB:                   cfg.DB,
-		Password:             cfg.CAPassword,
-		PasswordFile:         cfg.CAPasswordFile,
-		TrustDomain:          cfg.TrustDomain,
-		URL:                  "https://" + g.publicAddr,
-		ServerNames:          names,
-		GatewayID:            gatewayID,
-		AgentLifetime:        cfg.AgentLifetime,
-		UserLifetime:         cfg.UserLifetime,
-		Logger:               cfg.Logger.With("component", "ca"),
-		Now:                  cfg.Clock.Now,
-		OnRevoke:             g.onRevoke,
-		ACME:                 acmeCfg,
+		DataDir:       filepath.Join(cfg.DataDir, caDirName),
+		DB:            cfg.DB,
+		Password:      cfg.CAPassword,
+		PasswordFile:  cfg.CAPasswordFile,
+		TrustDomain:   cfg.TrustDomain,
+		URL:           "https://" + g.publicAddr,
+		ServerNames:   names,
+		GatewayID:     gatewayID,
+		AgentLifetime: cfg.AgentLifetime,
+		UserLifetime:  cfg.UserLifetime,
+		Logger:        cfg.Logger.With("component", "ca"),
+		Now:           cfg.Clock.Now,
+		OnRevoke:      g.onRevoke,
+		ACME: g.withACMEServer(ca.ACMEConfig{AllowedNames: acmeAllowed, DialContext: g.validationDialer(published),
+			OnIssued: g.onACMEIssued}, published),
 		OnGatewayCertificate: g.onGatewayCertificate,
 		AgentACME: &ca.AgentACMEConfig{
 			Dial: g.acmeDial, OnRefusal: g.onAgentACMERefusal, OnIssued: g.onAgentACMEIssued,
