@@ -40,9 +40,13 @@ type orgHooks struct {
 }
 
 func orgACMEEnv(t *testing.T, requireEAB bool) (*testEnv, *http01Responder, *orgHooks) {
+	return orgACMEEnvDB(t, "", requireEAB)
+}
+
+func orgACMEEnvDB(t *testing.T, dsn string, requireEAB bool) (*testEnv, *http01Responder, *orgHooks) {
 	r := newHTTP01Responder(t)
 	h := &orgHooks{}
-	e := startEnv(t, t.TempDir(), "", func(c *Config) {
+	e := startEnv(t, t.TempDir(), dsn, func(c *Config) {
 		c.ACME = ACMEConfig{
 			AllowedNames: []string{"app.wicket.test", "*.apps.wicket.test"},
 			RequireEAB:   requireEAB,
@@ -88,7 +92,19 @@ func TestACMEServerRefusesNamesOutsideTheAllowList(t *testing.T) {
 }
 
 func TestACMEServerEABKeyBoundToPatterns(t *testing.T) {
-	e, r, h := orgACMEEnv(t, true)
+	for _, db := range []string{"bbolt", "postgres"} {
+		t.Run(db, func(t *testing.T) {
+			dsn := ""
+			if db == "postgres" {
+				dsn = freshPostgres(t)
+			}
+			testACMEServerEABKeyBoundToPatterns(t, dsn)
+		})
+	}
+}
+
+func testACMEServerEABKeyBoundToPatterns(t *testing.T, dsn string) {
+	e, r, h := orgACMEEnvDB(t, dsn, true)
 	ctx := ctx10s(t)
 	if _, _, err := e.a.NewACMEEABKey(ctx, []string{"other.example.com"}); err == nil ||
 		!strings.Contains(err.Error(), "not in --acme-names") {
