@@ -47,6 +47,11 @@ func run() error {
 	memProfile := flag.String("memprofile", "", "write a heap profile of the real gateway with its idle agent sessions up to this file")
 	idleChild := flag.Bool("idle-agents", false, "internal: play the idle agents in a child process")
 	gatewayChild := flag.Bool("gateway-agents", false, "internal: play the real gateway's idle agents in a child process")
+	var pg pgbenchConfig
+	flag.DurationVar(&pg.Duration, "pgbench", 10*time.Second, "length of each pgbench run against PostgreSQL at 127.0.0.1:5432: direct, through a raw TCP resource and through a postgres:// resource with statement audit (0 = skip)")
+	flag.IntVar(&pg.Rounds, "pgbench-rounds", 3, "pgbench rounds per workload, each running the three paths in a rotated order; the median is reported")
+	flag.IntVar(&pg.Clients, "pgbench-clients", 8, "pgbench -c (clients)")
+	pgOnly := flag.Bool("pgbench-only", false, "run only the PostgreSQL benchmark")
 	flag.Parse()
 
 	cfg := tunnel.DefaultConfig()
@@ -68,12 +73,6 @@ func run() error {
 		cfg.MaxStreamWindowSize>>10, cfg.AcceptBacklog, cfg.KeepAliveInterval, cfg.ConnectionWriteTimeout)
 	fmt.Printf("command: %s\n\n", strings.Join(os.Args, " "))
 
-	rig, err := tunnelbench.NewRig(cfg)
-	if err != nil {
-		return err
-	}
-	defer rig.Close()
-
 	type result struct {
 		name   string
 		value  string
@@ -93,6 +92,34 @@ func run() error {
 		}
 		fmt.Printf("%-28s %-34s %-16s %s %s\n", name, value, ratio, target, mark)
 	}
+	summary := func() {
+		met, targets := 0, 0
+		for _, r := range results {
+			if r.target != "" {
+				targets++
+				if r.ok {
+					met++
+				}
+			}
+		}
+		fmt.Printf("\n%d of %d targets met\n", met, targets)
+	}
+	if *pgOnly {
+		if pg.Duration <= 0 {
+			return errors.New("-pgbench-only needs a -pgbench duration above 0")
+		}
+		if err := runPgbench(pg, add); err != nil {
+			return err
+		}
+		summary()
+		return nil
+	}
+
+	rig, err := tunnelbench.NewRig(cfg)
+	if err != nil {
+		return err
+	}
+	defer rig.Close()
 
 	// Throughput: paired runs, alternating which path goes first. The CPU
 	// cost per byte is reported too: it does not depend on how much of the
@@ -189,16 +216,12 @@ func run() error {
 			"", "<= 30 KiB", per <= 30*1024)
 	}
 
-	met, targets := 0, 0
-	for _, r := range results {
-		if r.target != "" {
-			targets++
-			if r.ok {
-				met++
-			}
+	if pg.Duration > 0 {
+		if err := runPgbench(pg, add); err != nil {
+			return fmt.Errorf("pgbench: %w", err)
 		}
 	}
-	fmt.Printf("\n%d of %d targets met\n", met, targets)
+	summary()
 	return nil
 }
 
