@@ -1,0 +1,60 @@
+// Package pgwire follows the PostgreSQL wire protocol (version 3.0) on the
+// data path of a PostgreSQL resource, so that every statement of a session
+// can be audited, and holds the agent's TLS leg to the database (target.go).
+//
+// # Where the protocol is parsed, and why
+//
+// The gateway parses; the agent only upgrades its own connection to the
+// database to TLS ([Target.Negotiate]) and relays bytes. The agent is the
+// component next to the untrusted network edge and may be compromised: if it
+// parsed, a compromised agent could forge or hide statements at will.
+// Parsed at the gateway, a statement record is derived from the bytes the
+// user's own stream carried. A compromised agent controls the server side, so
+// it can still lie about RESULTS — tags, row counts, errors, and which of the
+// texts the user prepared an Execute is attributed to (names are tracked as
+// the server confirms them) — but not about what the user sent. A compromised
+// gateway can forge anything it records: the audit chain shows edits after
+// the fact, not a lying writer.
+//
+// # What is hashed
+//
+// [Statement.Hash] is the SHA-256 of exactly the statement text bytes the
+// client sent: the string of a Query message, or the query of the Parse that
+// an Execute's portal was bound from, as on the wire (the client's encoding,
+// normally UTF-8), without the NUL terminator. An auditor holding the text
+// checks it with
+//
+//	printf '%s' "$SQL" | sha256sum
+//
+// A multi-statement Query ("select 1; select 2") is one record and one hash
+// of the whole string. A FunctionCall has no text; its hash is that of the
+// empty string and [Statement.FunctionOID] names the function.
+//
+// # Flow and bounds
+//
+// [ReadStartup] reads the startup phase (at most [MaxStartupSize] bytes a
+// packet, as PostgreSQL), answering SSLRequest and GSSENCRequest with 'N'.
+// [Follow] then relays with [tunnel.Relay], framing each direction as it
+// passes (1 type byte, 4 length bytes). Message bodies are decoded with
+// github.com/jackc/pgx/v5/pgproto3; only the kinds needed are kept, whole,
+// until decoded: from the client Query, Parse, Execute, Describe, Close,
+// Sync, Flush, Terminate; from the server CommandComplete, ErrorResponse,
+// ReadyForQuery, BackendKeyData and the empty acknowledgements. Each is
+// capped by [Options.MaxMessage] (64 MiB by default). Everything else —
+// DataRow, CopyData, RowDescription, notices, authentication — streams
+// through as it arrives, so a result of any size uses the relay's buffer
+// only. Of a Bind, only the first 4096 bytes are kept (its portal and
+// statement names must end there; the parameter values after them are
+// never kept, recorded or logged). Password and SASL messages are never
+// parsed. Pending requests and tracked prepared statements are capped by
+// [Options.MaxPending] and [Options.MaxTracked].
+//
+// # Not supported
+//
+// Protocol 3.2 (PostgreSQL 18's longer cancel keys): the client must use
+// max_protocol_version=3.0, the default of libpq and pgx. GSS encryption and
+// client-side TLS: Wicket answers 'N', so the client leg must use sslmode
+// disable, allow or prefer (the leg is inside Wicket's mTLS already), and
+// direct SSL (sslnegotiation=direct) is refused with a TLS alert; SCRAM
+// channel binding is therefore not used on the client leg.
+package pgwire
