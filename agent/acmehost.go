@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/wicketgw/wicket/tunnel"
+	"github.com/wicketgw/wicket/tunnel/pgwire"
 )
 
 // ACME validation through the agent (`--acme-host NAME=ADDR`): the agent vouches for NAME,
@@ -101,24 +102,35 @@ func (a *agent) acmeHostNames() []string {
 	return slices.Sorted(maps.Keys(a.acmeHosts))
 }
 
-// target returns the address to dial for a stream: an exposed resource's, or for an ACME
+// target is what a stream dials: an address, and for a PostgreSQL resource its URL, whose
+// sslmode the agent negotiates with the database before relaying.
+type target struct {
+	addr string
+	pg   *pgwire.Target
+}
+
+// target returns what to dial for a stream: an exposed resource, or for an ACME
 // validation stream (tunnel.FieldACMEHost set) the declared name's address for that port.
 // ok is false for anything else, with the reason to answer.
-func (a *agent) target(h tunnel.Header) (addr string, ok bool, reason string) {
+func (a *agent) target(h tunnel.Header) (t target, ok bool, reason string) {
 	name, isACME := h.Fields[tunnel.FieldACMEHost]
 	if !isACME {
-		t, ok := a.exposed.Load().targets[h.Resource]
-		return t, ok, fmt.Sprintf("resource %s is not exposed by this agent", h.Resource)
+		e := a.exposed.Load()
+		addr, ok := e.targets[h.Resource]
+		if pg := e.pg[h.Resource]; pg != nil {
+			return target{addr: pg.Addr, pg: pg}, true, ""
+		}
+		return target{addr: addr}, ok, fmt.Sprintf("resource %s is not exposed by this agent", h.Resource)
 	}
-	t, declared := a.acmeHosts[strings.ToLower(name)]
+	ht, declared := a.acmeHosts[strings.ToLower(name)]
 	if !declared {
-		return "", false, fmt.Sprintf("this agent does not vouch for %s in ACME validation", name)
+		return target{}, false, fmt.Sprintf("this agent does not vouch for %s in ACME validation", name)
 	}
 	switch h.Fields[tunnel.FieldACMEPort] {
 	case "80":
-		return t.http01, true, ""
+		return target{addr: ht.http01}, true, ""
 	case "443":
-		return t.tlsALPN01, true, ""
+		return target{addr: ht.tlsALPN01}, true, ""
 	}
-	return "", false, "ACME validation uses port 80 (http-01) or 443 (tls-alpn-01) only"
+	return target{}, false, "ACME validation uses port 80 (http-01) or 443 (tls-alpn-01) only"
 }

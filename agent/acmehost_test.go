@@ -42,7 +42,7 @@ func TestACMEValidationTarget(t *testing.T) {
 		t.Fatal(err)
 	}
 	a := &agent{acmeHosts: hosts}
-	a.exposed.Store(newExposure(map[string]string{"web": "127.0.0.1:8080"}))
+	a.exposed.Store(newExposure(map[string]string{"web": "127.0.0.1:8080", "pg": "postgres://127.0.0.1?sslmode=disable"}))
 	hdr := func(name, port string) tunnel.Header {
 		return tunnel.Header{Kind: tunnel.KindData, Resource: tunnel.ACMEValidationResource,
 			Fields: map[string]string{tunnel.FieldACMEHost: name, tunnel.FieldACMEPort: port}}
@@ -57,12 +57,13 @@ func TestACMEValidationTarget(t *testing.T) {
 		{hdr("grafana.corp", "22"), "", false},
 		{hdr("other.corp", "80"), "", false},
 		{tunnel.Header{Kind: tunnel.KindData, Resource: "web"}, "127.0.0.1:8080", true},
+		{tunnel.Header{Kind: tunnel.KindData, Resource: "pg"}, "127.0.0.1:5432", true},
 		// A user stream for a resource named like the validation resource is no validation.
 		{tunnel.Header{Kind: tunnel.KindData, Resource: tunnel.ACMEValidationResource}, "", false},
 	} {
 		got, ok, why := a.target(c.h)
-		if got != c.want || ok != c.ok || (!ok && why == "") {
-			t.Errorf("target(%+v) = %q %v %q, want %q %v", c.h, got, ok, why, c.want, c.ok)
+		if got.addr != c.want || ok != c.ok || (!ok && why == "") {
+			t.Errorf("target(%+v) = %q %v %q, want %q %v", c.h, got.addr, ok, why, c.want, c.ok)
 		}
 	}
 	if _, err := validateACMEHosts(map[string]string{"*.corp": "127.0.0.1"}); err == nil {

@@ -34,6 +34,7 @@ import (
 	"github.com/wicketgw/wicket/agent/internal/keeper"
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/tunnel"
+	"github.com/wicketgw/wicket/tunnel/pgwire"
 )
 
 // Config configures an agent.
@@ -126,31 +127,72 @@ const goAwayDelay = time.Second
 var ErrConfig = errors.New("invalid agent configuration")
 
 // validateExpose checks a list of exposed resources: at least one, each a valid name and a
-// HOST:PORT.
+// HOST:PORT (raw TCP) or a postgres:// URL (pgwire.ParseURL).
 func validateExpose(expose map[string]string) error {
+	_, err := resolveExpose(expose)
+	return err
+}
+
+// resolveExpose checks a list of exposed resources and parses its postgres:// targets.
+func resolveExpose(expose map[string]string) (map[string]*pgwire.Target, error) {
 	if len(expose) == 0 {
-		return fmt.Errorf("%w: expose at least one resource (--expose NAME=HOST:PORT)", ErrConfig)
+		return nil, fmt.Errorf("%w: expose at least one resource (--expose NAME=HOST:PORT)", ErrConfig)
 	}
+	pg := map[string]*pgwire.Target{}
 	for name, addr := range expose {
 		if err := ca.ValidName(name); err != nil {
-			return fmt.Errorf("%w: resource name: %v", ErrConfig, err)
+			return nil, fmt.Errorf("%w: resource name: %v", ErrConfig, err)
+		}
+		if pgwire.IsURL(addr) {
+			t, err := pgwire.ParseURL(addr)
+			if err != nil {
+				return nil, fmt.Errorf("%w: resource %s: %v", ErrConfig, name, err)
+			}
+			pg[name] = t
+			continue
 		}
 		host, port, err := net.SplitHostPort(addr)
 		if err != nil || host == "" || port == "" {
-			return fmt.Errorf("%w: resource %s: %q is not HOST:PORT", ErrConfig, name, addr)
+			return nil, fmt.Errorf("%w: resource %s: %q is not HOST:PORT or postgres://HOST:PORT", ErrConfig, name, addr)
 		}
 	}
-	return nil
+	return pg, nil
 }
 
 // exposure is one version of the exposed resources: what handle dials and hellos announce.
 type exposure struct {
 	targets map[string]string
-	names   []string // sorted
+	names   []string                  // sorted
+	pg      map[string]*pgwire.Target // the PostgreSQL resources, by name
 }
 
+// newExposure makes the exposure of a list validateExpose accepted.
 func newExposure(m map[string]string) *exposure {
-	return &exposure{targets: maps.Clone(m), names: slices.Sorted(maps.Keys(m))}
+	pg, err := resolveExpose(m)
+	if err != nil {
+		panic("agent: newExposure of an unchecked list: " + err.Error())
+	}
+	return &exposure{targets: maps.Clone(m), names: slices.Sorted(maps.Keys(m)), pg: pg}
+}
+
+// hello is the Hello that announces this exposure: the resource names and, for each
+// PostgreSQL resource, its protocol and whether it records statement texts.
+func (e *exposure) hello() tunnel.Hello {
+	h := tunnel.Hello{Resources: e.names}
+	for _, name := range e.names {
+		t, ok := e.pg[name]
+		if !ok {
+			continue
+		}
+		if h.Protocols == nil {
+			h.Protocols = map[string]string{}
+		}
+		h.Protocols[name] = tunnel.ProtocolPostgres
+		if t.RecordText {
+			h.RecordText = append(h.RecordText, name)
+		}
+	}
+	return h
 }
 
 func (c *Config) setDefaults() error {
@@ -429,6 +471,13 @@ func (a *agent) watchExpose(ctx context.Context) {
 	}
 }
 
+// helloMsg is the Hello this agent sends now: who it is and what it exposes.
+func (a *agent) helloMsg() tunnel.Hello {
+	h := a.exposed.Load().hello()
+	h.Name, h.Instance, h.Version, h.ACMEHosts = a.meta.Name, a.instance, a.cfg.Version, a.acmeHostNames()
+	return h
+}
+
 // announceResources tells the gateway the current list of resources with a later Hello on a
 // new control stream of s (tunnel/PROTOCOL.md section 5). If that fails, the next session
 // (after a reconnect or renewal) announces the list in its first Hello.
@@ -438,8 +487,7 @@ func (a *agent) announceResources(ctx context.Context, s *session) {
 	names := a.exposed.Load().names
 	ctl, err := s.sess.OpenControl(ctx)
 	if err == nil {
-		err = ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: names,
-			ACMEHosts: a.acmeHostNames()})
+		err = ctl.Send(a.helloMsg())
 		if err == nil {
 			// The gateway answers with the resources it refuses; an older one closes instead.
 			stop := context.AfterFunc(ctx, func() { ctl.Stream().SetReadDeadline(time.Unix(1, 0)) })

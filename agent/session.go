@@ -17,6 +17,7 @@ import (
 	"github.com/wicketgw/wicket/agent/internal/closed"
 	"github.com/wicketgw/wicket/agent/internal/track"
 	"github.com/wicketgw/wicket/tunnel"
+	"github.com/wicketgw/wicket/tunnel/pgwire"
 )
 
 // Stages of establishing a session, so that a failure can be classified.
@@ -142,8 +143,7 @@ func (a *agent) hello(ctx context.Context, ts *tunnel.Session) (*tunnel.Control,
 	if err != nil {
 		return nil, ack, err
 	}
-	if err := ctl.Send(tunnel.Hello{Name: a.meta.Name, Instance: a.instance, Version: a.cfg.Version, Resources: a.exposed.Load().names,
-		ACMEHosts: a.acmeHostNames()}); err != nil {
+	if err := ctl.Send(a.helloMsg()); err != nil {
 		return nil, ack, err
 	}
 	stop := context.AfterFunc(ctx, func() { ctl.Stream().SetReadDeadline(time.Unix(1, 0)) })
@@ -203,14 +203,12 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 		st.Close()
 		return
 	}
-	d := net.Dialer{Timeout: a.cfg.DialTimeout}
 	start := time.Now()
-	conn, err := d.DialContext(ctx, "tcp", target)
-	if err != nil {
-		reason := dialReason(err, a.cfg.DialTimeout)
+	conn, derr := a.dial(ctx, target)
+	if derr != nil {
 		a.cfg.Stats.StreamsDialFailed.Add(1)
-		log.Warn("could not reach the resource", "target", target, "err", err)
-		_ = st.Reply(tunnel.StatusDialFailed, reason)
+		log.Warn("could not reach the resource", "target", target.addr, "err", derr)
+		_ = st.Reply(tunnel.StatusDialFailed, derr.reason)
 		st.Close()
 		return
 	}
@@ -220,7 +218,7 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 		st.Close()
 		return
 	}
-	log.Debug("stream opened", "target", target)
+	log.Debug("stream opened", "target", target.addr)
 	// A stream that dies (the gateway or its session gone, the agent
 	// stopping) resets the resource's connection instead of ending it with
 	// FIN, so the resource cannot take a cut request for a complete one.
@@ -239,6 +237,55 @@ func (a *agent) handle(ctx context.Context, st *tunnel.Stream, log *slog.Logger)
 	default:
 		log.Warn("stream ended with an error", append(attrs, "err", err)...)
 	}
+}
+
+// dialError is a failed dial of a resource: the error to log, and the reason to answer the
+// gateway, which names no address.
+type dialError struct {
+	err    error
+	reason string
+}
+
+func (e *dialError) Error() string { return e.err.Error() }
+
+// dial connects to a stream's target within DialTimeout; for a PostgreSQL resource it also
+// runs the TLS negotiation its sslmode asks for, so the relayed bytes leave the agent
+// encrypted whenever the database leg can be.
+func (a *agent) dial(ctx context.Context, t target) (net.Conn, *dialError) {
+	ctx, cancel := context.WithTimeout(ctx, a.cfg.DialTimeout)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", t.addr)
+	if err != nil {
+		return nil, &dialError{err: err, reason: dialReason(err, a.cfg.DialTimeout)}
+	}
+	if t.pg == nil {
+		return conn, nil
+	}
+	pc, err := t.pg.Negotiate(ctx, conn)
+	if err != nil {
+		conn.Close()
+		reason := "the database's TLS negotiation failed: " + dialReason(err, a.cfg.DialTimeout)
+		if errors.Is(err, pgwire.ErrDatabaseTLS) {
+			reason = dbTLSReason(err)
+		}
+		return nil, &dialError{err: err, reason: reason}
+	}
+	return pc, nil
+}
+
+// dbTLSReason is the gateway's answer for a database TLS failure: the error's own sentence
+// names no address, only the mode and what went wrong.
+func dbTLSReason(err error) string {
+	var ue x509.UnknownAuthorityError
+	var he x509.HostnameError
+	switch {
+	case errors.As(err, &ue):
+		return "database TLS: the server's certificate is not signed by the resource's sslrootcert"
+	case errors.As(err, &he):
+		return "database TLS: the server's certificate does not name the resource's host (sslmode=verify-full)"
+	}
+	return err.Error()
 }
 
 // dialReason says why a dial failed without repeating the address, which

@@ -31,11 +31,23 @@ type Hello struct {
 	// tls-alpn-01 validation connections to this agent (acmehost.go). Older peers omit
 	// and ignore it.
 	ACMEHosts []string `json:"acme_hosts,omitempty"`
+	// Protocols names the protocol of each resource that is not raw TCP, by resource name:
+	// [ProtocolPostgres] for a `postgres://` resource, whose sessions the gateway follows
+	// statement by statement. Informational for the gateway's policy like Name: a gateway
+	// that must audit a resource pins it itself (`--postgres-resources`), so an agent that
+	// omits it cannot switch the audit off. Older peers omit and ignore it.
+	Protocols map[string]string `json:"protocols,omitempty"`
+	// RecordText lists the PostgreSQL resources whose URL opts in to keeping statement
+	// texts (record=statements), not only their hashes. Older peers omit and ignore it.
+	RecordText []string `json:"record_text,omitempty"`
 	// Refused, in the gateway's reply to an agent's Hello, lists the announced resources
 	// the gateway does not route to that agent (not granted to its name), each with the
 	// sentence to log. Empty in an agent's Hello; older peers ignore it.
 	Refused []Refusal `json:"refused,omitempty"`
 }
+
+// ProtocolPostgres is the [Hello.Protocols] value of a PostgreSQL resource.
+const ProtocolPostgres = "postgres"
 
 // Refusal is one announced resource the gateway refused, and why, in one sentence that
 // names what the gateway's administrator can do about it.

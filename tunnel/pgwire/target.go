@@ -172,7 +172,7 @@ func (t *Target) Negotiate(ctx context.Context, conn net.Conn) (net.Conn, error)
 	}
 	tc := tls.Client(conn, t.tlsConfig())
 	if err := tc.HandshakeContext(ctx); err != nil {
-		return nil, fmt.Errorf("%w: handshake with the database (sslmode=%s): %v", ErrDatabaseTLS, t.SSLMode, err)
+		return nil, fmt.Errorf("%w: handshake with the database (sslmode=%s): %w", ErrDatabaseTLS, t.SSLMode, err)
 	}
 	return tc, nil
 }
