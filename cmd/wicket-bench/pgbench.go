@@ -18,6 +18,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/wicketgw/wicket/gateway/audit"
 )
 
 // pgbenchConfig is what the -pgbench* flags set: pgbench runs against the
@@ -344,13 +346,13 @@ func (r *pgRig) pgbench(w pgWorkload, p pgPath, port string, cfg pgbenchConfig) 
 	if err != nil {
 		return pgRun{}, err
 	}
-	run.statements = (after.lines - after.begins) - (before.lines - before.begins)
+	run.statements = after.statements - before.statements
 	run.logBytes = after.bytes - before.bytes
 	return run, nil
 }
 
 // statementDir is where the gateway writes the per-session statement logs.
-func (r *pgRig) statementDir() string { return filepath.Join(r.gwData, "statements") }
+func (r *pgRig) statementDir() string { return filepath.Join(r.gwData, audit.StatementsDir) }
 
 // sessions counts the session.started and session.ended records of resource
 // in the gateway's audit log.
@@ -368,9 +370,9 @@ func (r *pgRig) sessions(resource string) (started, ended int, err error) {
 			continue
 		}
 		switch rec.Type {
-		case "session.started":
+		case audit.TypeSessionStarted:
 			started++
-		case "session.ended":
+		case audit.TypeSessionEnded:
 			ended++
 		}
 	}
@@ -399,9 +401,8 @@ func (r *pgRig) waitSessionsEnded(resource string, endedBefore int) error {
 
 // statementLog is the size of the statement logs in one directory.
 type statementLog struct {
-	lines  int64 // every line of every *.log file
-	begins int64 // the lines that open a session's log rather than record a statement
-	bytes  int64
+	statements int64 // lines of type "statement": not a log's begin line, nor a recovery line
+	bytes      int64 // of every *.log file, all lines
 }
 
 // readStatementLog sums dir/*.log; a missing directory is an empty log.
@@ -421,12 +422,14 @@ func readStatementLog(dir string) (statementLog, error) {
 			if len(line) == 0 {
 				continue
 			}
-			s.lines++
 			var rec struct {
 				Type string `json:"type"`
 			}
-			if json.Unmarshal(line, &rec) == nil && strings.Contains(rec.Type, "begin") {
-				s.begins++
+			if err := json.Unmarshal(line, &rec); err != nil {
+				return s, fmt.Errorf("statement log %s has a line that is not JSON: %w", f, err)
+			}
+			if rec.Type == audit.TypeStatement {
+				s.statements++
 			}
 		}
 	}
