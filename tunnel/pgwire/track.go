@@ -73,8 +73,11 @@ type pending struct {
 	name  string // P: statement; B: portal; E: portal; D, C: the object
 	stmt  string // B: the source statement
 	which byte   // D, C: 'S' statement or 'P' portal
-	text  prepared
-	oid   uint32 // F
+	text  prepared // Q, P: the text sent; E: the server's portal, once answered
+	// intended is, for B and E, the text the client's own messages bound the
+	// portal to: what a skipped Execute would have run.
+	intended prepared
+	oid      uint32 // F
 
 	// What the answer has said so far (Q, E, F).
 	copy     bool
@@ -101,6 +104,11 @@ type tracker struct {
 	// cannot make Follow believe a name holds a text the server refused.
 	stmts   map[string]prepared
 	portals map[string]prepared
+	// cstmts and cportals are the same namespaces as the client's messages
+	// change them, at once: they name what an Execute the server skipped (its
+	// Parse or Bind failed, or an earlier request did) would have run.
+	cstmts   map[string]prepared
+	cportals map[string]prepared
 
 	// carried is the SQLSTATE of an error on a Parse, Bind, Describe or Close,
 	// charged to the next Execute before the Sync (the statement it stopped).
@@ -111,6 +119,7 @@ func newTracker(now func() time.Time, maxQueue int, maxBytes int64) *tracker {
 	return &tracker{
 		now: now, maxQueue: maxQueue, maxBytes: maxBytes,
 		stmts: map[string]prepared{}, portals: map[string]prepared{},
+		cstmts: map[string]prepared{}, cportals: map[string]prepared{},
 	}
 }
 
@@ -123,14 +132,35 @@ func (t *tracker) push(p *pending) error {
 	if len(t.queue) >= t.maxQueue {
 		return violation("the client has more than %d requests awaiting an answer", t.maxQueue)
 	}
-	if (p.op == 'P' || p.op == 'B') && len(t.stmts)+len(t.portals) >= t.maxQueue {
+	if (p.op == 'P' || p.op == 'B') && len(t.stmts)+len(t.portals)+len(t.cstmts)+len(t.cportals) >= t.maxQueue {
 		return violation("the client holds more than %d prepared statements and portals", t.maxQueue)
 	}
 	if n := int64(len(p.text.text)); n > 0 {
-		if t.bytes+n > t.maxBytes {
+		// Counted twice: held by the request, then by the client's view.
+		if t.bytes+2*n > t.maxBytes {
 			return violation("the client's pending and prepared statements hold more than %d bytes of text", t.maxBytes)
 		}
 		t.bytes += n
+	}
+	switch p.op {
+	case 'Q':
+		t.deleteClient("")
+		delete(t.cportals, "")
+	case 'P':
+		t.deleteClient(p.name)
+		t.cstmts[p.name] = p.text
+		t.bytes += int64(len(p.text.text))
+	case 'B':
+		p.intended = t.cstmts[p.stmt]
+		t.cportals[p.name] = p.intended
+	case 'E':
+		p.intended = t.cportals[p.name]
+	case 'C':
+		if p.which == 'S' {
+			t.deleteClient(p.name)
+		} else {
+			delete(t.cportals, p.name)
+		}
 	}
 	p.start = t.now()
 	t.queue = append(t.queue, p)
@@ -163,6 +193,13 @@ func (t *tracker) setStmt(name string, v prepared) {
 	t.deleteStmt(name)
 	t.bytes += int64(len(v.text))
 	t.stmts[name] = v
+}
+
+func (t *tracker) deleteClient(name string) {
+	if old, ok := t.cstmts[name]; ok {
+		t.bytes -= int64(len(old.text))
+		delete(t.cstmts, name)
+	}
 }
 
 func (t *tracker) deleteStmt(name string) {
@@ -325,7 +362,7 @@ func (t *tracker) errorResponse(code string) []Statement {
 		}
 		if p.op == 'P' || p.op == 'B' {
 			if p.op == 'B' {
-				p.text = t.stmts[p.stmt]
+				p.text = p.intended
 			}
 			p.sqlstate = code
 			return []Statement{t.statement(p, StatusError)}
@@ -357,7 +394,7 @@ func (t *tracker) readyForQuery() []Statement {
 			t.carried = ""
 			return done
 		case 'E':
-			t.resolve(p)
+			p.text = p.intended
 			if t.carried != "" {
 				p.sqlstate, t.carried = t.carried, ""
 				done = append(done, t.statement(p, StatusError))
@@ -389,7 +426,7 @@ func (t *tracker) drain() []Statement {
 		case 'Q', 'F':
 			out = append(out, t.statement(p, StatusIncomplete))
 		case 'E':
-			t.resolve(p)
+			p.text = p.intended
 			out = append(out, t.statement(p, StatusIncomplete))
 		}
 	}
