@@ -70,9 +70,9 @@ type prepared struct {
 type pending struct {
 	op    byte // the client message type
 	start time.Time
-	name  string // P: statement; B: portal; E: portal; D, C: the object
-	stmt  string // B: the source statement
-	which byte   // D, C: 'S' statement or 'P' portal
+	name  string   // P: statement; B: portal; E: portal; D, C: the object
+	stmt  string   // B: the source statement
+	which byte     // D, C: 'S' statement or 'P' portal
 	text  prepared // Q, P: the text sent; E: the server's portal, once answered
 	// intended is, for B and E, the text the client's own messages bound the
 	// portal to: what a skipped Execute would have run.
