@@ -194,6 +194,16 @@ func StatementLogName(session string) string {
 	return StatementsDir + "/" + session + ".log"
 }
 
+// StatementLogPath is the statement log of session in dir, the audit log's directory.
+// It refuses a session id that cannot be a file name, so a hostile id in a record never
+// leads outside the statements directory.
+func StatementLogPath(dir, session string) (string, error) {
+	if !validSessionID(session) {
+		return "", fmt.Errorf("session id %q is not 1-128 letters, digits, '-' or '_', so it has no statement log", session)
+	}
+	return filepath.Join(dir, filepath.FromSlash(StatementLogName(session))), nil
+}
+
 // validSessionID reports whether id can name a file: 1-128 of [A-Za-z0-9_-].
 func validSessionID(id string) bool {
 	if id == "" || len(id) > 128 {
@@ -268,9 +278,7 @@ func OpenStatementLog(dir string, begin StatementBegin, o StatementLogOptions) (
 	if begin.Time.IsZero() {
 		begin.Time = l.now()
 	}
-	line, err := json.Marshal(beginLine{Type: TypeStatementsBegin, Time: begin.Time.UTC(), Session: begin.Session,
-		User: begin.User, Identity: begin.Identity, Resource: begin.Resource, Agent: begin.Agent,
-		DBUser: begin.DBUser, Database: begin.Database, RecordsText: begin.RecordsText, Prev: Genesis})
+	line, err := json.Marshal(begin.line())
 	if err == nil {
 		line = append(line, '\n')
 		if len(line) > MaxStatementLineSize {
@@ -514,6 +522,51 @@ func appendStatementLine(buf []byte, s *Statement) ([]byte, error) {
 	return buf, nil
 }
 
+// MarshalJSON writes the statement as its line in the log (without the newline).
+func (s Statement) MarshalJSON() ([]byte, error) {
+	b, err := appendStatementLine(nil, &s)
+	if err != nil {
+		return nil, err
+	}
+	return b[:len(b)-1], nil
+}
+
+// UnmarshalJSON reads a statement line.
+func (s *Statement) UnmarshalJSON(b []byte) error {
+	var r stmtLine
+	if err := json.Unmarshal(b, &r); err != nil {
+		return err
+	}
+	*s = r.statement()
+	return nil
+}
+
+// MarshalJSON writes the begin record as its line in the log (without the newline).
+func (b StatementBegin) MarshalJSON() ([]byte, error) {
+	return json.Marshal(b.line())
+}
+
+// UnmarshalJSON reads a begin line.
+func (b *StatementBegin) UnmarshalJSON(data []byte) error {
+	var r beginLine
+	if err := json.Unmarshal(data, &r); err != nil {
+		return err
+	}
+	*b = r.begin()
+	return nil
+}
+
+func (b StatementBegin) line() beginLine {
+	return beginLine{Type: TypeStatementsBegin, Time: b.Time.UTC(), Session: b.Session,
+		User: b.User, Identity: b.Identity, Resource: b.Resource, Agent: b.Agent,
+		DBUser: b.DBUser, Database: b.Database, RecordsText: b.RecordsText, Prev: Genesis}
+}
+
+func (r beginLine) begin() StatementBegin {
+	return StatementBegin{Session: r.Session, User: r.User, Identity: r.Identity, Resource: r.Resource,
+		Agent: r.Agent, DBUser: r.DBUser, Database: r.Database, RecordsText: r.RecordsText, Time: r.Time}
+}
+
 func (r *stmtLine) statement() Statement {
 	s := Statement{Seq: r.Seq, Time: r.Time, Kind: r.Kind, SHA256: r.SHA256, Len: r.Len,
 		TextTruncated: r.TextTruncated, Tag: r.Tag, Rows: r.Rows, SQLState: r.SQLState, Status: r.Status,
@@ -687,8 +740,7 @@ func (sc *statementScanner) begin() error {
 	case sc.session != "" && b.Session != sc.session:
 		return sc.fail(1, ErrWrongSession, "the begin line names session %q but the file is named for session %q", b.Session, sc.session)
 	}
-	sc.info.Begin = StatementBegin{Session: b.Session, User: b.User, Identity: b.Identity, Resource: b.Resource,
-		Agent: b.Agent, DBUser: b.DBUser, Database: b.Database, RecordsText: b.RecordsText, Time: b.Time}
+	sc.info.Begin = b.begin()
 	sc.info.Head = lineHash(line)
 	return nil
 }
