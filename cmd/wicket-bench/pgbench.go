@@ -70,9 +70,20 @@ var pgWorkloads = []pgWorkload{
 
 // pgRun is what one pgbench run measured.
 type pgRun struct {
-	tps        float64 // excluding connection time
-	statements int64   // audited statements (audit path only)
-	logBytes   int64   // bytes those statements added to the statement logs
+	tps          float64       // excluding connection time
+	transactions int64         // processed
+	gatewayCPU   time.Duration // user+system time the gateway process used during the run
+	agentCPU     time.Duration // the same for the agent process
+	statements   int64         // audited statements (audit path only)
+	logBytes     int64         // bytes those statements added to the statement logs
+}
+
+// cpuPerTx is the gateway's and the agent's CPU time per transaction.
+func (r pgRun) cpuPerTx() (gateway, agent time.Duration) {
+	if r.transactions == 0 {
+		return 0, 0
+	}
+	return r.gatewayCPU / time.Duration(r.transactions), r.agentCPU / time.Duration(r.transactions)
 }
 
 // runPgbench starts the real wicket binaries (gateway, agent, two connects)
@@ -113,7 +124,8 @@ func runPgbench(cfg pgbenchConfig, add func(name, value, ratio, target string, o
 
 	for _, w := range pgWorkloads {
 		var tps [3][]float64
-		var auditRaw, rawDirect, stmtRate, bytesPerStmt []float64
+		var auditRaw, rawDirect, stmtRate, bytesPerStmt, stmtPerTx []float64
+		var gwCPU, agentCPU [3][]float64 // microseconds per transaction
 		for round := range cfg.Rounds {
 			var got [3]pgRun
 			for i := range 3 {
@@ -124,6 +136,9 @@ func runPgbench(cfg pgbenchConfig, add func(name, value, ratio, target string, o
 				}
 				got[p] = run
 				tps[p] = append(tps[p], run.tps)
+				g, a := run.cpuPerTx()
+				gwCPU[p] = append(gwCPU[p], float64(g)/1e3)
+				agentCPU[p] = append(agentCPU[p], float64(a)/1e3)
 			}
 			fmt.Printf("  %s round %d: direct %.0f, raw %.0f, audit %.0f TPS; %d statements audited, %d log bytes\n",
 				w.name, round+1, got[pgDirect].tps, got[pgRaw].tps, got[pgAudit].tps, got[pgAudit].statements, got[pgAudit].logBytes)
@@ -134,12 +149,15 @@ func runPgbench(cfg pgbenchConfig, add func(name, value, ratio, target string, o
 				return fmt.Errorf("the pgbench %s run through the postgres:// resource left no statement in %s: is statement audit on?", w.name, r.statementDir())
 			}
 			bytesPerStmt = append(bytesPerStmt, float64(got[pgAudit].logBytes)/float64(got[pgAudit].statements))
+			stmtPerTx = append(stmtPerTx, float64(got[pgAudit].statements)/float64(max(1, got[pgAudit].transactions)))
 		}
 		ar := median(auditRaw)
 		add("pgbench "+w.name+" TPS", fmt.Sprintf("direct %.0f, raw %.0f, audit %.0f", median(tps[pgDirect]), median(tps[pgRaw]), median(tps[pgAudit])), "", "", true)
 		add("  audit/raw", fmtRatios(auditRaw), fmt.Sprintf("ratio %.2f", ar), ">= 0.9x", ar >= 0.9)
 		add("  raw/direct", fmtRatios(rawDirect), fmt.Sprintf("ratio %.2f", median(rawDirect)), "", true)
-		add("  statements audited", fmt.Sprintf("%.0f stmt/s, %.0f log bytes/stmt", median(stmtRate), median(bytesPerStmt)), "", "", true)
+		add("  statements audited", fmt.Sprintf("%.0f stmt/s, %.0f log bytes/stmt, %.2f stmt/tx", median(stmtRate), median(bytesPerStmt), median(stmtPerTx)), "", "", true)
+		add("  gateway CPU/tx", fmt.Sprintf("raw %.0f us, audit %.0f us", median(gwCPU[pgRaw]), median(gwCPU[pgAudit])), fmt.Sprintf("ratio %.2f", median(gwCPU[pgAudit])/median(gwCPU[pgRaw])), "", true)
+		add("  agent CPU/tx", fmt.Sprintf("raw %.0f us, audit %.0f us", median(agentCPU[pgRaw]), median(agentCPU[pgAudit])), fmt.Sprintf("ratio %.2f", median(agentCPU[pgAudit])/median(agentCPU[pgRaw])), "", true)
 	}
 	fmt.Printf("pgbench: machine after: %s\n", uptime())
 	return nil
@@ -157,6 +175,8 @@ type pgRig struct {
 	bin    string
 	gwData string
 	procs  []*benchProc
+	gw     *benchProc
+	agent  *benchProc
 	port   map[pgPath]string // local port of the connect listener per path
 }
 
@@ -185,6 +205,7 @@ func startPgRig() (_ *pgRig, err error) {
 	if err != nil {
 		return nil, err
 	}
+	r.gw = gw
 	if _, err := gw.waitFor(regexp.MustCompile(`msg=listening.*addr=(\S+)`)); err != nil {
 		return nil, err
 	}
@@ -192,12 +213,14 @@ func startPgRig() (_ *pgRig, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := r.start("agent", nil, "agent", "--token", agentToken, "--data-dir", filepath.Join(dir, "agent"),
+	agent, err := r.start("agent", nil, "agent", "--token", agentToken, "--data-dir", filepath.Join(dir, "agent"),
 		"--expose", pgRawName+"="+pgHost+":"+pgPort,
-		"--expose", pgAuditRes+"=postgres://"+pgHost+":"+pgPort+"?sslmode=disable"); err != nil {
+		"--expose", pgAuditRes+"=postgres://"+pgHost+":"+pgPort+"?sslmode=disable")
+	if err != nil {
 		return nil, err
 	}
-	if err := r.waitAgentOnline("bench-agent", pgRawName, pgAuditRes); err != nil {
+	r.agent = agent
+	if err := r.waitAgentOnline(agent, "bench-agent", pgRawName, pgAuditRes); err != nil {
 		return nil, err
 	}
 	userToken, err := r.admin("token", "create", "user", "bench")
@@ -252,11 +275,16 @@ func (r *pgRig) admin(args ...string) (string, error) {
 }
 
 // waitAgentOnline polls `wicket agents list --json` until the agent is
-// online with every resource.
-func (r *pgRig) waitAgentOnline(name string, resources ...string) error {
+// online with every resource, or the agent process p exits.
+func (r *pgRig) waitAgentOnline(p *benchProc, name string, resources ...string) error {
 	deadline := time.Now().Add(time.Minute)
 	var last string
 	for time.Now().Before(deadline) {
+		select {
+		case <-p.done:
+			return fmt.Errorf("wicket agent exited (%v) before it was online:\n%s", p.cmd.ProcessState, p.tail())
+		default:
+		}
 		out, err := r.admin("agents", "list", "--json")
 		if err == nil {
 			last = out
@@ -276,7 +304,7 @@ func (r *pgRig) waitAgentOnline(name string, resources ...string) error {
 		time.Sleep(100 * time.Millisecond) // polling with a deadline, in a measuring tool
 	}
 	return fmt.Errorf("agent %s was not online with %v within a minute (agents list: %s); agent output:\n%s",
-		name, resources, last, r.output("agent"))
+		name, resources, last, p.tail())
 }
 
 func containsAll(have, want []string) bool {
@@ -290,16 +318,6 @@ func containsAll(have, want []string) bool {
 		}
 	}
 	return true
-}
-
-// output returns the last lines a started process printed.
-func (r *pgRig) output(name string) string {
-	for _, p := range r.procs {
-		if p.name == name {
-			return p.tail()
-		}
-	}
-	return ""
 }
 
 // pgbench runs workload w against port for cfg.Duration, after vacuuming
@@ -326,7 +344,9 @@ func (r *pgRig) pgbench(w pgWorkload, p pgPath, port string, cfg pgbenchConfig) 
 	defer cancel()
 	args := append([]string{"-n", "-c", strconv.Itoa(cfg.Clients), "-j", strconv.Itoa(pgThreads(cfg.Clients)),
 		"-T", strconv.Itoa(max(1, int(cfg.Duration.Round(time.Second).Seconds())))}, w.args...)
+	gwCPU, agentCPU := r.gw.cpu(), r.agent.cpu()
 	out, err := pgCommand(ctx, port, "pgbench", append(args, pgBenchDB)...).CombinedOutput()
+	run := pgRun{gatewayCPU: r.gw.cpu() - gwCPU, agentCPU: r.agent.cpu() - agentCPU}
 	if err != nil {
 		return pgRun{}, fmt.Errorf("pgbench %s on the %s path (port %s) failed: %v\n%s", w.name, pgPathNames[p], port, err, out)
 	}
@@ -334,8 +354,10 @@ func (r *pgRig) pgbench(w pgWorkload, p pgPath, port string, cfg pgbenchConfig) 
 	if m == nil {
 		return pgRun{}, fmt.Errorf("pgbench %s on the %s path printed no tps line:\n%s", w.name, pgPathNames[p], out)
 	}
-	run := pgRun{}
 	run.tps, _ = strconv.ParseFloat(string(m[1]), 64)
+	if m := regexp.MustCompile(`(?m)^number of transactions actually processed: ([0-9]+)`).FindSubmatch(out); m != nil {
+		run.transactions, _ = strconv.ParseInt(string(m[1]), 10, 64)
+	}
 	if p != pgAudit {
 		return run, nil
 	}
@@ -563,6 +585,29 @@ func (p *benchProc) waitFor(re *regexp.Regexp) ([]string, error) {
 			return nil, fmt.Errorf("wicket %s printed no line matching %q within a minute:\n%s", p.name, re, p.tail())
 		}
 	}
+}
+
+// cpu is the user+system time the process has used so far, from
+// /proc/PID/stat (Linux; 0 elsewhere). Its resolution is a clock tick.
+func (p *benchProc) cpu() time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	if err != nil {
+		return 0
+	}
+	// The fields after the command name in parentheses: state is the first,
+	// utime and stime the 12th and 13th.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	const clockTick = 10 * time.Millisecond // USER_HZ is 100 on every Linux architecture Go supports
+	return time.Duration(utime+stime) * clockTick
 }
 
 func (p *benchProc) tail() string {
