@@ -93,6 +93,7 @@ func (g *Gateway) serveAgent(conn *tls.Conn, ident ca.Identity, remote string) {
 	as := &agentSession{
 		id: p.id, name: ident.Name, instance: hello.Instance, version: hello.Version,
 		announced: g.validResources(log, hello.Resources), remote: remote,
+		protocols: hello.Protocols, recordText: hello.RecordText,
 		since: p.since, expires: p.notAfter, sess: p.sess, peer: p, ctl: ctl,
 	}
 	notify := func(reason string) {
@@ -210,7 +211,7 @@ func (g *Gateway) agentStream(log *slog.Logger, ident ca.Identity, p *peer, as *
 		log.Warn("agent opened a control stream but sent no hello on it", "err", err)
 		return
 	}
-	newlyRefused := g.registry.update(as, g.validResources(log, h.Resources), h.Version)
+	newlyRefused := g.registry.update(as, g.validResources(log, h.Resources), h.Version, h)
 	g.agentsChanged()
 	g.claimsRefused(log, ident, p, newlyRefused, "")
 	served, refused := g.registry.servedOf(as), g.registry.refusedOf(as)

@@ -3,6 +3,7 @@ package gateway
 import (
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
@@ -106,6 +107,9 @@ func (g *Gateway) endPreviousRun() {
 		case audit.TypeSessionStarted:
 			end.Type = audit.TypeSessionEnded
 			sessions++
+			if start.Extra["statements_log"] != "" {
+				g.sealStatementLog(start, &end)
+			}
 		case audit.TypeUserConnected:
 			end.Type = audit.TypeUserDisconnected
 			connections++
@@ -145,4 +149,18 @@ func (g *Gateway) endPreviousRun() {
 	}
 	g.log.Warn("the previous run of the gateway did not stop cleanly; the sessions it left open are ended in the audit log",
 		"previous_started", extra["previous_started_at"], "sessions", sessions, "connections", connections)
+}
+
+// sealStatementLog closes the statement log a crashed run left open for the session of
+// start, and puts its seal into end, the session.ended that recovery writes; a log that
+// cannot be recovered is named in end instead, so verify reports it.
+func (g *Gateway) sealStatementLog(start audit.Record, end *audit.Record) {
+	seal, err := audit.RecoverStatementLog(filepath.Dir(g.audit.Path()), start.SessionID, g.clock.Now)
+	if err != nil {
+		g.log.Error("could not seal the statement log of a session the previous run left open", "session", start.SessionID, "err", err)
+		end.Extra["statements_error"] = err.Error()
+		return
+	}
+	seal.Put(end)
+	end.Extra["protocol"] = start.Extra["protocol"]
 }

@@ -72,6 +72,11 @@ type Config struct {
 	Public *PublicConfig
 	// ACMEServer turns on the ACME server for internal names (acmeserver.go). Default nil: off.
 	ACMEServer *ACMEServerConfig
+	// PostgresResources pins resources as PostgreSQL, by name or path.Match pattern: their
+	// sessions are followed and every statement audited whatever their agent's Hello
+	// announces, so a compromised agent cannot switch the audit off by announcing raw TCP.
+	// A resource not pinned is followed when its agent announces postgres://. Default none.
+	PostgresResources []string
 	// Tunnel configures the yamux sessions with agents and users. Default tunnel.DefaultConfig().
 	Tunnel tunnel.Config
 	// Version is reported to agents in the gateway's hello. Default "dev".
@@ -113,6 +118,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.PolicyInterval <= 0 {
 		c.PolicyInterval = time.Second
+	}
+	if err := checkPostgresResources(c.PostgresResources); err != nil {
+		return c, err
 	}
 	if c.MaxStreamsPerUser <= 0 {
 		c.MaxStreamsPerUser = DefaultMaxStreamsPerUser

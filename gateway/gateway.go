@@ -186,6 +186,8 @@ type Gateway struct {
 	peers     *peerIndex
 	sessions  *sessionTable
 	counters  counters
+	// pgCancels maps the cancel keys given to PostgreSQL clients to their sessions (pgsessions.go).
+	pgCancels cancelTable
 
 	// The ACME server for internal names (acmeserver.go, acmehosts.go): its allow-list, who
 	// may vouch for which names, and where their validations are routed.

@@ -33,6 +33,9 @@ type AgentInfo struct {
 	Since time.Time `json:"since"`
 	// CertExpires is the latest certificate expiry among live sessions (last known when offline).
 	CertExpires time.Time `json:"cert_expires"`
+	// Protocols names the protocol of each served resource that is not raw TCP, as its
+	// agent announced it (e.g. "postgres"); omitted when all are raw.
+	Protocols map[string]string `json:"protocols,omitempty"`
 	// Instances is the number of agent processes connected under this name; Sessions counts
 	// their sessions (more than one per instance during a make-before-break renewal).
 	Instances int `json:"instances"`
@@ -46,6 +49,9 @@ type agentSession struct {
 	instance  string
 	version   string
 	announced []string // valid names from its latest hello
+	// protocols and recordText are the hello's Protocols and RecordText (the registry's lock).
+	protocols  map[string]string
+	recordText []string
 	resources []string // announced and granted: what it is routed (the registry's lock)
 	refused   []string // announced and not granted (the registry's lock)
 	// claimAudited are the refused resources whose agent.claim_refused record this session
@@ -128,10 +134,11 @@ func (r *Registry) add(as *agentSession) (newlyRefused []string) {
 
 // update replaces the announced resources and version of a live session (a later hello). It
 // returns the refused resources not yet audited for the session.
-func (r *Registry) update(as *agentSession, announced []string, version string) (newlyRefused []string) {
+func (r *Registry) update(as *agentSession, announced []string, version string, h tunnel.Hello) (newlyRefused []string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	as.announced = announced
+	as.protocols, as.recordText = h.Protocols, h.RecordText
 	newlyRefused = r.grantedLocked(as)
 	if version != "" {
 		as.version = version
@@ -140,6 +147,28 @@ func (r *Registry) update(as *agentSession, announced []string, version string) 
 		rec.resources, rec.version = as.resources, as.version
 	}
 	return newlyRefused
+}
+
+// protocolOf returns the protocol a resource is announced with: ProtocolPostgres when a live
+// session that is routed the resource announces it so, else "" (raw TCP).
+func (r *Registry) protocolOf(resource string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, rec := range r.agents {
+		for _, as := range rec.sessions {
+			if p := as.protocols[resource]; p != "" && slices.Contains(as.resources, resource) {
+				return p
+			}
+		}
+	}
+	return ""
+}
+
+// recordsText reports whether as announced that resource keeps statement texts.
+func (r *Registry) recordsText(as *agentSession, resource string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Contains(as.recordText, resource)
 }
 
 // grantRefusal is a live session's resources that a grant change left refused and that
@@ -274,6 +303,14 @@ func (r *Registry) List() []AgentInfo {
 				for _, x := range as.resources {
 					if !slices.Contains(res, x) {
 						res = append(res, x)
+					}
+				}
+				for _, x := range as.resources {
+					if p := as.protocols[x]; p != "" {
+						if ai.Protocols == nil {
+							ai.Protocols = map[string]string{}
+						}
+						ai.Protocols[x] = p
 					}
 				}
 				for _, x := range as.refused {

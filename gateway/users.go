@@ -141,15 +141,7 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 	// refusals by policy and "error" for everything operational.
 	deny := func(status tunnel.Status, kind, agent, reason string) {
 		_ = st.Reply(status, reason)
-		g.counters.streamInc(kind)
-		r := base
-		r.Agent, r.Type, r.Outcome, r.Reason = agent, audit.TypeSessionDenied, audit.OutcomeError, reason
-		if status == tunnel.StatusRefused {
-			r.Outcome = audit.OutcomeDenied
-		}
-		g.record(r)
-		g.log.Info("session refused", "user", user, "resource", h.Resource, "agent", agent, "outcome", kind,
-			"reason", reason, "session", id, "remote", p.remote)
+		g.denied(p, base, status, kind, agent, reason)
 	}
 
 	if h.Kind != tunnel.KindData {
@@ -175,23 +167,13 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 	g.active.add(1)
 	defer g.active.add(-1)
 	started := g.clock.Now()
+	if g.followsPostgres(h.Resource) {
+		g.servePostgres(p, st, base, decision, started)
+		return
+	}
 	as, up, err := g.openToAgent(g.bgCtx, h.Resource, id)
 	if err != nil {
-		var (
-			noAgent *errNoAgent
-			re      *tunnel.ReplyError
-		)
-		switch {
-		case errors.As(err, &noAgent) && len(noAgent.offline) > 0:
-			deny(tunnel.StatusUnavailable, "unavailable", "", noAgent.Error())
-		case errors.As(err, &noAgent):
-			deny(tunnel.StatusUnknownResource, "unknown resource", "", noAgent.Error())
-		case errors.As(err, &re):
-			// The agent answered: pass its answer through (unknown resource, dial failed + why).
-			deny(re.Status, outcomeOf(re.Status), as.name, fmt.Sprintf("agent %s: %s", as.name, re.Reason))
-		default:
-			deny(tunnel.StatusUnavailable, "unavailable", "", err.Error())
-		}
+		deny(openRefusal(as, err))
 		return
 	}
 	defer up.Close()
@@ -214,16 +196,30 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 	}
 	g.log.Info("session started", "user", user, "resource", h.Resource, "agent", as.name, "session", id, "remote", p.remote)
 
-	ls := &liveSession{info: SessionInfo{ID: id, User: user, Agent: as.name, Resource: h.Resource, Remote: p.remote, Started: started},
-		up: new(atomic.Int64), down: new(atomic.Int64)}
-	g.sessions.add(ls)
-	rb := g.counters.resources.get(h.Resource)
-	upBytes, downBytes, err := tunnel.Relay(g.bgCtx, &countingConn{Conn: st, n: ls.up, total: &rb.up},
-		&countingConn{Conn: up, n: ls.down, total: &rb.down})
-	g.sessions.remove(id)
-	g.counters.bytesUp.Add(upBytes)
-	g.counters.bytesDown.Add(downBytes)
+	userConn, agentConn, untrack := g.trackSession(SessionInfo{ID: id, User: user, Agent: as.name, Resource: h.Resource,
+		Remote: p.remote, Started: started}, st, up)
+	upBytes, downBytes, err := tunnel.Relay(g.bgCtx, userConn, agentConn)
+	untrack(upBytes, downBytes)
+	g.sessionEnded(p, as, base, started, upBytes, downBytes, err, nil)
+}
 
+// trackSession lists a relayed session in the live sessions table and wraps its two
+// connections to count their bytes as they flow; untrack ends both with the totals.
+func (g *Gateway) trackSession(info SessionInfo, user, agent net.Conn) (userConn, agentConn net.Conn, untrack func(up, down int64)) {
+	ls := &liveSession{info: info, up: new(atomic.Int64), down: new(atomic.Int64)}
+	g.sessions.add(ls)
+	rb := g.counters.resources.get(info.Resource)
+	return &countingConn{Conn: user, n: ls.up, total: &rb.up}, &countingConn{Conn: agent, n: ls.down, total: &rb.down},
+		func(up, down int64) {
+			g.sessions.remove(info.ID)
+			g.counters.bytesUp.Add(up)
+			g.counters.bytesDown.Add(down)
+		}
+}
+
+// sessionEnded counts, records and logs the end of a relayed session; extra, if not nil,
+// adds to the session.ended record (a PostgreSQL session's seal).
+func (g *Gateway) sessionEnded(p *peer, as *agentSession, base audit.Record, started time.Time, upBytes, downBytes int64, err error, extra func(*audit.Record)) {
 	kind, reason := "ok", ""
 	switch {
 	case p.closeReason.Load() != nil:
@@ -236,17 +232,54 @@ func (g *Gateway) handleUserStream(p *peer, st *tunnel.Stream) {
 		kind, reason = "closed", reasonShutdown
 	}
 	g.counters.streamInc(kind)
-	r = base
+	r := base
 	r.Agent, r.Type, r.Outcome, r.Reason = as.name, audit.TypeSessionEnded, audit.OutcomeOK, reason
 	if kind != "ok" {
 		r.Outcome = audit.OutcomeError
 	}
 	r.BytesUp, r.BytesDown = upBytes, downBytes
 	r.DurationMS = g.clock.Now().Sub(started).Milliseconds()
+	if extra != nil {
+		extra(&r)
+	}
 	g.record(r)
-	g.log.Info("session ended", "user", user, "resource", h.Resource, "agent", as.name, "outcome", kind,
+	g.log.Info("session ended", "user", base.User, "resource", base.Resource, "agent", as.name, "outcome", kind,
 		"reason", reason, "bytes_up", upBytes, "bytes_down", downBytes,
-		"duration", g.clock.Now().Sub(started).Round(time.Millisecond).String(), "session", id)
+		"duration", g.clock.Now().Sub(started).Round(time.Millisecond).String(), "session", base.SessionID)
+}
+
+// denied records, counts and logs a refused session; the caller has told the user. kind is
+// the counter label; the audit outcome is "denied" for refusals by policy and "error" for
+// everything operational.
+func (g *Gateway) denied(p *peer, base audit.Record, status tunnel.Status, kind, agent, reason string) {
+	g.counters.streamInc(kind)
+	r := base
+	r.Agent, r.Type, r.Outcome, r.Reason = agent, audit.TypeSessionDenied, audit.OutcomeError, reason
+	if status == tunnel.StatusRefused {
+		r.Outcome = audit.OutcomeDenied
+	}
+	g.record(r)
+	g.log.Info("session refused", "user", base.User, "resource", base.Resource, "agent", agent, "outcome", kind,
+		"reason", reason, "session", base.SessionID, "remote", p.remote)
+}
+
+// openRefusal is how a failed openToAgent is refused: the status, counter label, agent and
+// reason for the user.
+func openRefusal(as *agentSession, err error) (status tunnel.Status, kind, agent, reason string) {
+	var (
+		noAgent *errNoAgent
+		re      *tunnel.ReplyError
+	)
+	switch {
+	case errors.As(err, &noAgent) && len(noAgent.offline) > 0:
+		return tunnel.StatusUnavailable, "unavailable", "", noAgent.Error()
+	case errors.As(err, &noAgent):
+		return tunnel.StatusUnknownResource, "unknown resource", "", noAgent.Error()
+	case errors.As(err, &re):
+		// The agent answered: pass its answer through (unknown resource, dial failed + why).
+		return re.Status, outcomeOf(re.Status), as.name, fmt.Sprintf("agent %s: %s", as.name, re.Reason)
+	}
+	return tunnel.StatusUnavailable, "unavailable", "", err.Error()
 }
 
 // refuseUnaudited refuses a stream whose session.started cannot be written, with the

@@ -13,7 +13,6 @@ import (
 
 	"github.com/wicketgw/wicket/ca"
 	"github.com/wicketgw/wicket/gateway"
-	"github.com/wicketgw/wicket/gateway/audit"
 )
 
 func init() {
@@ -21,7 +20,6 @@ func init() {
 	register("agents", agentsUsage, runAgents)
 	register("users", "wicket users revoke NAME", runUsers)
 	register("sessions", "wicket sessions list [--json]", runSessions)
-	register("audit", "wicket audit verify FILE [--anchor SEQ:HASH]...", runAudit)
 }
 
 // adminClient returns a client for the gateway whose data dir is dir.
@@ -245,53 +243,6 @@ func runSessions(ctx context.Context, args []string) error {
 	return printSessions(os.Stdout, sessions, time.Now())
 }
 
-func runAudit(ctx context.Context, args []string) error {
-	fs := newFlagSet("audit")
-	var anchorArgs stringList
-	fs.Var(&anchorArgs, "anchor", "SEQ:HASH printed by an earlier verify or logged by the gateway (\"audit anchor\"); "+
-		"the record must still be there, unchanged (repeatable)")
-	pos, err := parseInterspersed(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 2 || pos[0] != "verify" {
-		return errors.New("usage: wicket audit verify FILE [--anchor SEQ:HASH]")
-	}
-	var anchors []audit.Anchor
-	for _, s := range anchorArgs {
-		a, err := audit.ParseAnchor(s)
-		if err != nil {
-			return err
-		}
-		anchors = append(anchors, a)
-	}
-	res, err := audit.VerifyFileAnchored(pos[1], anchors...)
-	if err != nil {
-		var ve *audit.VerifyError
-		if !errors.As(err, &ve) {
-			return fmt.Errorf("cannot verify audit log %s: %w", pos[1], err)
-		}
-		if errors.Is(err, audit.ErrTruncated) || errors.Is(err, audit.ErrRewritten) {
-			return fmt.Errorf("audit log %s does not match an anchor kept elsewhere: %s", pos[1], ve.Detail)
-		}
-		return fmt.Errorf("audit log %s was edited or damaged: line %d: %s", pos[1], ve.Line, ve.Detail)
-	}
-	fmt.Printf("ok: %d records (last seq %d, head %s)\n", res.Records, res.LastSeq, res.Head)
-	if len(anchors) > 0 {
-		fmt.Printf("ok: %d anchor(s) hold\n", len(anchors))
-	}
-	// The chain alone cannot show a cut-off tail or a log rewritten from scratch: keep this
-	// anchor off the host and pass it to a later verify.
-	fmt.Printf("anchor: %s\n", audit.Anchor{Seq: res.LastSeq, Hash: res.Head})
-	if len(res.Sealed) > 0 {
-		fmt.Printf("note: line(s) %v were torn by a crash and sealed by the gateway on restart (not tampering)\n", res.Sealed)
-	}
-	if res.TornTail {
-		fmt.Printf("note: the last %d bytes are a line torn by a crash, not yet sealed (not tampering)\n", res.TornBytes)
-	}
-	return nil
-}
-
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
@@ -302,7 +253,14 @@ func printAgents(w io.Writer, agents []gateway.AgentInfo, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tSTATUS\tALLOWED\tSERVED\tREFUSED\tVERSION\tSINCE\tCERT EXPIRES IN")
 	for _, a := range agents {
-		res := dash(strings.Join(a.Resources, ","))
+		served := make([]string, len(a.Resources))
+		for i, name := range a.Resources {
+			served[i] = name
+			if p := a.Protocols[name]; p != "" {
+				served[i] = name + " (" + p + ")" // followed and audited statement by statement
+			}
+		}
+		res := dash(strings.Join(served, ","))
 		allowed, refused := dash(strings.Join(a.Allowed, ",")), dash(strings.Join(a.Refused, ","))
 		status := a.Status
 		if a.Instances > 1 {

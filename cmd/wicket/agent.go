@@ -41,7 +41,7 @@ func agentFlags() (*flag.FlagSet, *agentOpts) {
 	o.dataDir = dataDirFlag(fs)
 	o.token = fs.String("token", "", "one-time agent token from `wicket token create agent NAME` (or an ACME enrollment credential from `... --acme`: the agent then enrolls and renews by ACME); needed only for the first start (prefer WICKET_TOKEN or --token-file: a flag is visible to every local user in ps)")
 	o.tokenFile = fs.String("token-file", "", "file holding the one-time agent token")
-	fs.Var(&o.expose, "expose", "NAME=HOST:PORT: a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE); kept in DATA-DIR/agent.json, so a restart without --expose serves the same list")
+	fs.Var(&o.expose, "expose", "NAME=HOST:PORT (raw TCP) or NAME=postgres://HOST:PORT[?sslmode=disable|prefer|require|verify-ca|verify-full&sslrootcert=FILE&record=statements] (PostgreSQL, audited statement by statement): a resource this agent serves and the only address it dials for it (repeatable; comma-separated in WICKET_EXPOSE); kept in DATA-DIR/agent.json, so a restart without --expose serves the same list")
 	fs.Var(&o.acmeHosts, "acme-host", "NAME=ADDR: vouch for DNS name NAME in the gateway's ACME validation, which then reaches ADDR through this agent (HOST for ports 80 and 443, or HOST:HTTP01PORT[:TLSALPN01PORT]); the gateway's administrator must allow it: wicket agents allow AGENT --acme-hosts NAME (repeatable)")
 	o.dialTimeout = fs.Duration("dial-timeout", 10*time.Second, "how long to wait when connecting to a resource")
 	o.drainTimeout = fs.Duration("drain-timeout", 0, "after a renewal, how long the previous session may keep its streams (0: until they end or its certificate expires)")
@@ -183,7 +183,8 @@ func parseExpose(values []string) (map[string]string, error) {
 	return out, nil
 }
 
-// exposeAddr accepts HOST:PORT or, for an HTTP resource that the gateway
+// exposeAddr accepts HOST:PORT, a postgres:// URL (kept as it is: the agent follows
+// its sslmode), or, for an HTTP resource that the gateway
 // publishes (--publish on the gateway), http://HOST[:PORT]: the agent only
 // carries bytes, so the URL form is the same dial with the scheme's default
 // port. https:// is refused: the gateway's proxy speaks plain HTTP inside the
@@ -193,8 +194,11 @@ func exposeAddr(name, target string) (string, error) {
 	if !isURL {
 		return target, nil
 	}
+	if scheme == "postgres" || scheme == "postgresql" {
+		return target, nil // a PostgreSQL resource; agent.Run parses and checks the URL
+	}
 	if scheme != "http" {
-		return "", fmt.Errorf("--expose %s=%s: only http:// URLs or HOST:PORT can be exposed", name, target)
+		return "", fmt.Errorf("--expose %s=%s: only HOST:PORT, http:// and postgres:// can be exposed", name, target)
 	}
 	rest = strings.TrimSuffix(rest, "/")
 	if rest == "" || strings.ContainsAny(rest, "/?#@") {

@@ -44,6 +44,8 @@ func runGateway(ctx context.Context, args []string) error {
 	var acmeChallenges stringList
 	fs.Var(&acmeChallenges, "acme-challenges", "with --acme-server: challenge types offered, of http-01, tls-alpn-01, dns-01 (default all three)")
 	acmeLifetime := fs.Duration("acme-cert-lifetime", 24*time.Hour, "with --acme-server: lifetime of the certificates it issues (5m..24h)")
+	var pgResources stringList
+	fs.Var(&pgResources, "postgres-resources", "resource names or patterns (comma-separated or repeated) that are PostgreSQL whatever their agent announces: every session is followed and each statement audited")
 	metricsListen := fs.String("metrics-listen", "", "HOST:PORT for Prometheus /metrics and the /healthz, /readyz probes (plain HTTP, no authentication: use loopback, e.g. 127.0.0.1:9090); empty = off")
 	logFormat, logLevel := logFlags(fs)
 	pos, err := parseFlags(fs, args)
@@ -77,20 +79,21 @@ func runGateway(ctx context.Context, args []string) error {
 		return err
 	}
 	g, err := gateway.New(ctx, gateway.Config{
-		ACMEServer:     acmeSrv,
-		Public:         pub,
-		DataDir:        *dataDir,
-		Listen:         *listen,
-		PublicAddr:     *publicAddr,
-		DB:             *db,
-		PolicyFile:     *policyFile,
-		TrustDomain:    *trustDomain,
-		CAPasswordFile: *caPasswordFile,
-		AgentLifetime:  *agentLifetime,
-		UserLifetime:   *userLifetime,
-		GracePeriod:    *grace,
-		Version:        versionString(),
-		Logger:         logger,
+		ACMEServer:        acmeSrv,
+		PostgresResources: splitList(pgResources),
+		Public:            pub,
+		DataDir:           *dataDir,
+		Listen:            *listen,
+		PublicAddr:        *publicAddr,
+		DB:                *db,
+		PolicyFile:        *policyFile,
+		TrustDomain:       *trustDomain,
+		CAPasswordFile:    *caPasswordFile,
+		AgentLifetime:     *agentLifetime,
+		UserLifetime:      *userLifetime,
+		GracePeriod:       *grace,
+		Version:           versionString(),
+		Logger:            logger,
 	})
 	if err != nil {
 		return err
