@@ -52,8 +52,8 @@ type agentSession struct {
 	// protocols and recordText are the hello's Protocols and RecordText (the registry's lock).
 	protocols  map[string]string
 	recordText []string
-	resources []string // announced and granted: what it is routed (the registry's lock)
-	refused   []string // announced and not granted (the registry's lock)
+	resources  []string // announced and granted: what it is routed (the registry's lock)
+	refused    []string // announced and not granted (the registry's lock)
 	// claimAudited are the refused resources whose agent.claim_refused record this session
 	// has written (once per session and resource).
 	claimAudited map[string]bool
