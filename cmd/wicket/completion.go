@@ -31,14 +31,14 @@ var subcommands = map[string][]string{
 	"agents":     {"list", "allow", "disallow", "revoke", "forget"},
 	"users":      {"revoke"},
 	"sessions":   {"list"},
-	"audit":      {"verify"},
+	"audit":      {"verify", "show"},
 	"ca":         {"status"},
 	"completion": {"bash", "zsh", "fish"},
 }
 
 // pathFlags complete as directories (dir) or files (file).
 var pathFlags = map[string]string{
-	"data-dir": "dir", "config": "file", "policy": "file", "ca-password-file": "file", "token-file": "file",
+	"data-dir": "dir", "config": "file", "policy": "file", "ca-password-file": "file", "token-file": "file", "file": "file",
 }
 
 func init() {
