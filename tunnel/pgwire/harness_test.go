@@ -199,3 +199,4 @@ func pgState(err error) string {
 	}
 	return ""
 }
+
