@@ -294,7 +294,10 @@ func OpenStatementLog(dir string, begin StatementBegin, o StatementLogOptions) (
 		}
 	}
 	if err != nil {
+		// Nothing names the file yet and nothing chains onto it: it goes, so no torn
+		// begin line is left to look like damage.
 		f.Close()
+		os.Remove(l.path)
 		return nil, fmt.Errorf("write the begin line of statement log %s: %w", l.path, err)
 	}
 	l.head = lineHash(line)
@@ -935,7 +938,8 @@ type StatementsResult struct {
 	// record yet: the session is still open, or the gateway stopped before it ended and
 	// has not been restarted. They are checked as chains only: not tampering.
 	Unsealed []string
-	// Torn lists the unsealed logs that end with a line cut by a crash (not tampering).
+	// Torn lists the unsealed logs that end with a line cut by a crash, and the logs
+	// whose begin line a crash cut before any record named them (not tampering).
 	Torn []string
 	// Recovered lists the logs closed after a crash by [RecoverStatementLog].
 	Recovered []string
@@ -994,14 +998,21 @@ func VerifyStatementLogs(auditPath string) (StatementsResult, error) {
 		info, err := scanStatements(f, rel, id, nil)
 		f.Close()
 		res.Statements += info.Statements
+		s, known := sessions[id]
 		var le *StatementLogError
-		if errors.As(err, &le) {
+		switch {
+		case errors.As(err, &le) && info.Lines == 0 && (!known || s.named == "" && !s.sealed):
+			// A gateway killed while it created the log, before any record named it:
+			// the session never started.
+			res.Unnamed = append(res.Unnamed, rel)
+			res.Torn = append(res.Torn, rel)
+			continue
+		case le != nil:
 			res.Problems = append(res.Problems, le)
 			continue
-		} else if err != nil {
+		case err != nil:
 			return res, err
 		}
-		s, known := sessions[id]
 		if !known || s.named == "" {
 			res.Unnamed = append(res.Unnamed, rel)
 		}

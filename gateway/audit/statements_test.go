@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -469,5 +470,106 @@ func BenchmarkStatementAppend(b *testing.B) {
 			fi, _ := os.Stat(sl.Path())
 			b.ReportMetric(float64(fi.Size())/float64(b.N), "bytes/stmt")
 		})
+	}
+}
+
+// A gateway killed while it created a log, before anything named it, leaves an empty
+// file or a torn begin line: a session that never started, not damage.
+func TestVerifyStatementLogsTornBegin(t *testing.T) {
+	main, dir := mainLog(t)
+	writeSession(t, main, dir, "s1", 1, true)
+	for id, b := range map[string]string{"empty": "", "cut": `{"type":"statements.begin","seq":0,"ti`} {
+		if err := os.WriteFile(filepath.Join(dir, "statements", id+".log"), []byte(b), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := VerifyStatementLogs(main.Path())
+	if err != nil || strings.Join(res.Torn, ",") != "statements/cut.log,statements/empty.log" || res.Sealed != 1 {
+		t.Fatalf("torn begin lines: %+v, %v", res, err)
+	}
+	// The same file named by a session.started is a log that lost its begin line: damage.
+	if err := main.Write(Record{Type: TypeSessionStarted, SessionID: "cut",
+		Extra: map[string]string{ExtraStatementsLog: StatementLogName("cut")}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := VerifyStatementLogs(main.Path()); !errors.Is(err, ErrMalformed) || !strings.Contains(err.Error(), "cut.log line 1") {
+		t.Errorf("a named log without its begin line: %v, want ErrMalformed on line 1", err)
+	}
+}
+
+const stmtHelperEnv = "WICKET_STATEMENTS_KILL_HELPER"
+
+// TestStatementKillHelper is the child process of TestKilledStatementWriter: it appends
+// statements (production fsync schedule) until it is killed. Run directly it does nothing.
+func TestStatementKillHelper(t *testing.T) {
+	dir := os.Getenv(stmtHelperEnv)
+	if dir == "" {
+		return
+	}
+	sl, err := OpenStatementLog(dir, sampleBegin("killed", true), StatementLogOptions{SyncEvery: 10 * time.Millisecond})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	for i := 0; ; i++ {
+		if err := sl.Append(sampleStatement(i)); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(3)
+		}
+	}
+}
+
+// A writer killed mid-session (SIGKILL) leaves a log that verifies as unsealed, and that
+// RecoverStatementLog closes with a seal that then verifies.
+func TestKilledStatementWriter(t *testing.T) {
+	main, dir := mainLog(t)
+	if err := main.Write(Record{Type: TypeSessionStarted, SessionID: "killed",
+		Extra: map[string]string{ExtraStatementsLog: StatementLogName("killed")}}); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "statements", "killed.log")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestStatementKillHelper$", "-test.count=1")
+	cmd.Env = append(os.Environ(), stmtHelperEnv+"="+dir)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		b, _ := os.ReadFile(path)
+		if bytes.Count(b, []byte{'\n'}) >= 2000 {
+			break
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("helper wrote fewer than 2000 statements in 20s; stderr: %s", stderr.String())
+		}
+		<-tick.C
+	}
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+
+	res, err := VerifyStatementLogs(main.Path())
+	if err != nil || strings.Join(res.Unsealed, ",") != "statements/killed.log" || res.Statements < 1999 {
+		t.Fatalf("a killed writer's log: %+v, %v; want it unsealed, not damaged", res, err)
+	}
+	seal, err := RecoverStatementLog(dir, "killed", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	end := Record{Type: TypeSessionEnded, SessionID: "killed", Outcome: OutcomeGatewayCrashed}
+	seal.Put(&end)
+	if err := main.Write(end); err != nil {
+		t.Fatal(err)
+	}
+	res, err = VerifyStatementLogs(main.Path())
+	if err != nil || res.Sealed != 1 || res.Statements != seal.Count || len(res.Recovered) != 1 {
+		t.Fatalf("after recovery: %+v, %v (seal %+v)", res, err, seal)
 	}
 }
