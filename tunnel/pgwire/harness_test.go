@@ -199,4 +199,3 @@ func pgState(err error) string {
 	}
 	return ""
 }
-
