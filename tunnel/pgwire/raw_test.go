@@ -326,3 +326,8 @@ func TestFollowHostileServer(t *testing.T) {
 		})
 	}
 }
+
+func startupMessage() *pgproto3.StartupMessage {
+	return &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersionNumber,
+		Parameters: map[string]string{"user": "postgres", "database": "postgres"}}
+}
