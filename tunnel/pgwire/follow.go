@@ -250,6 +250,7 @@ type tap struct {
 	held    []byte // the held message so far, header included
 	prefix  []byte // the kept start of a streamed Bind or FunctionCall body
 	want    int    // prefix bytes wanted; 0 when none (or done)
+	rows    int64  // DataRows since the server's last decoded message
 }
 
 // CloseWrite half-closes the wrapped connection, as Relay would.
@@ -438,6 +439,10 @@ func (t *tap) process(p []byte) error {
 			fwd = i
 		}
 		t.prefix, t.want = t.prefix[:0], t.prefixWanted(typ, body)
+		if t.want == 0 && !split && len(p)-i >= body {
+			i += body // the common DataRow: whole in p, passed over
+			continue
+		}
 		t.inBody = body > 0
 		if t.want == 0 && (typ == 'B' || typ == 'F') {
 			if err := t.prefixDone(); err != nil {
@@ -608,11 +613,12 @@ func (t *tap) begin(typ byte) error {
 	}
 	switch typ {
 	case 'D':
-		t.f.tr.dataRow()
+		t.rows++ // counted here, not in the tracker: no lock per row
 	case 'G', 'H', 'W':
 		t.f.tr.copyStarted()
 	case 'T':
 		t.f.tr.simpleAnswer(typ)
+		t.rows = 0
 	}
 	return nil
 }
@@ -621,6 +627,8 @@ func (t *tap) begin(typ byte) error {
 func (t *tap) serverMessage(typ byte, body []byte) ([]byte, error) {
 	tr := t.f.tr
 	var done []Statement
+	rows := t.rows
+	t.rows = 0
 	switch typ {
 	case 'K':
 		var m pgproto3.BackendKeyData
@@ -655,7 +663,7 @@ func (t *tap) serverMessage(typ byte, body []byte) ([]byte, error) {
 		if err := m.Decode(body); err != nil {
 			return nil, t.undecodable(typ, err)
 		}
-		done = tr.portalSuspended()
+		done = tr.portalSuspended(rows)
 	case 'I':
 		var m pgproto3.EmptyQueryResponse
 		if err := m.Decode(body); err != nil {

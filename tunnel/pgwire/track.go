@@ -84,7 +84,6 @@ type pending struct {
 	tags     []string
 	tagLen   int
 	rows     int64
-	dataRows int64
 	sqlstate string
 }
 
@@ -244,14 +243,6 @@ func (t *tracker) statement(p *pending, status string) Statement {
 // server) changes nothing: it cannot make a record claim a text the client
 // did not send.
 
-func (t *tracker) dataRow() {
-	t.mu.Lock()
-	if p := t.head(); p != nil && (p.op == 'E' || p.op == 'Q') {
-		p.dataRows++
-	}
-	t.mu.Unlock()
-}
-
 func (t *tracker) copyStarted() {
 	t.mu.Lock()
 	if p := t.head(); p != nil && (p.op == 'E' || p.op == 'Q') {
@@ -319,13 +310,14 @@ func (t *tracker) emptyQuery() []Statement {
 	return nil
 }
 
-func (t *tracker) portalSuspended() []Statement {
+// portalSuspended completes the head Execute, which returned rows DataRows.
+func (t *tracker) portalSuspended(rows int64) []Statement {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if p := t.head(); p != nil && p.op == 'E' {
 		t.pop()
 		t.resolve(p)
-		p.rows = p.dataRows
+		p.rows = rows
 		return []Statement{t.statement(p, StatusOK)}
 	}
 	return nil
