@@ -175,7 +175,9 @@ func sessionRecords(path, id string) ([]audit.Record, error) {
 	}
 }
 
-// auditShow prints a session's records from the main log and its statements.
+// auditShow prints a session's records from the main log and its statements, reading
+// the statement log once, as a stream: a session of millions of statements is shown in
+// constant memory.
 func auditShow(w io.Writer, path, id string, asJSON bool) error {
 	logPath, err := audit.StatementLogPath(filepath.Dir(path), id)
 	if err != nil {
@@ -186,76 +188,85 @@ func auditShow(w io.Writer, path, id string, asJSON bool) error {
 		return err
 	}
 	var ended *audit.Record
+	named := false
 	for i := range recs {
-		if recs[i].Type == audit.TypeSessionEnded {
+		switch {
+		case recs[i].Type == audit.TypeSessionEnded:
 			ended = &recs[i]
+		case recs[i].Extra[audit.ExtraStatementsLog] != "":
+			named = true
 		}
 	}
-	begin, stmts, rerr := audit.ReadStatementLog(logPath)
+	rd, rerr := audit.OpenStatementReader(logPath)
 	noLog := errors.Is(rerr, os.ErrNotExist)
-	if len(recs) == 0 && noLog {
-		return fmt.Errorf("session %s is not in audit log %s and has no statement log: check the id (`wicket sessions list`, or grep the audit log)", id, path)
-	}
-	for _, r := range recs {
-		if name := r.Extra[audit.ExtraStatementsLog]; noLog && name != "" {
-			return fmt.Errorf("statement log %s of session %s is missing although its session.started record (seq %d) names it: it was deleted or moved; run `wicket audit verify %s`",
-				logPath, id, r.Seq, path)
-		}
-	}
 	var le *audit.StatementLogError
-	if rerr != nil && !noLog && !errors.As(rerr, &le) {
+	switch {
+	case noLog && len(recs) == 0:
+		return fmt.Errorf("session %s is not in audit log %s and has no statement log: check the id (`wicket sessions list`, or grep the audit log)", id, path)
+	case noLog && named:
+		return fmt.Errorf("statement log %s of session %s is missing although its session.started record names it: it was deleted or moved; run `wicket audit verify %s`", logPath, id, path)
+	case errors.As(rerr, &le):
+		return fmt.Errorf("statement log %s was edited or damaged: %s", statementLogWhere(filepath.Dir(path), le), le.Detail)
+	case rerr != nil && !noLog:
 		return fmt.Errorf("cannot read the statement log of session %s: %w", id, rerr)
 	}
+	if rd != nil {
+		defer rd.Close()
+	}
+	var show sessionPrinter = &sessionTable{w: w}
+	if asJSON {
+		show = &sessionJSON{w: w}
+	}
+	if err := show.header(id, recs, rd); err != nil {
+		return err
+	}
+	for rd != nil && rd.Next() {
+		if err := show.statement(rd.Statement()); err != nil {
+			return err
+		}
+	}
+	if err := show.end(); err != nil {
+		return err
+	}
+	if rd == nil {
+		return nil
+	}
+	if errors.As(rd.Err(), &le) {
+		return fmt.Errorf("statement log %s was edited or damaged: %s (the statements before it are shown)", statementLogWhere(filepath.Dir(path), le), le.Detail)
+	} else if rd.Err() != nil {
+		return fmt.Errorf("cannot read the statement log of session %s: %w", id, rd.Err())
+	}
 	// The seal check: the log must end where session.ended says.
-	var sealErr error
-	if ended != nil && rerr == nil {
+	if ended != nil {
 		if seal, ok := audit.SealOf(*ended); ok {
-			info, err := audit.CheckStatementLog(logPath)
-			if err != nil {
-				return fmt.Errorf("cannot read the statement log of session %s: %w", id, err)
-			}
-			if info.Seal() != seal || info.TornBytes > 0 {
-				sealErr = fmt.Errorf("statement log %s does not end where session.ended sealed it (%d statements, head %s; the file has %d, head %s): it was cut, extended or edited; run `wicket audit verify %s`",
+			if info := rd.Info(); info.Seal() != seal || info.TornBytes > 0 {
+				return fmt.Errorf("statement log %s does not end where session.ended sealed it (%d statements, head %.16s; the file has %d, head %.16s): it was cut, extended or edited; run `wicket audit verify %s`",
 					logPath, seal.Count, seal.Head, info.Statements, info.Head, path)
 			}
 		}
 	}
-
-	if asJSON {
-		out := struct {
-			Session       string                `json:"session_id"`
-			Records       []audit.Record        `json:"records"`
-			StatementsLog string                `json:"statements_log,omitempty"`
-			Begin         *audit.StatementBegin `json:"begin,omitempty"`
-			Statements    []audit.Statement     `json:"statements"`
-		}{Session: id, Records: recs, Statements: stmts}
-		if !noLog {
-			out.StatementsLog, out.Begin = audit.StatementLogName(id), &begin
-		}
-		if out.Records == nil {
-			out.Records = []audit.Record{}
-		}
-		if out.Statements == nil {
-			out.Statements = []audit.Statement{}
-		}
-		if err := printJSON(w, out); err != nil {
-			return err
-		}
-	} else if err := printSession(w, id, recs, begin, stmts, noLog); err != nil {
-		return err
-	}
-	switch {
-	case le != nil:
-		return fmt.Errorf("statement log %s was edited or damaged: %s (the statements before it are shown)", statementLogWhere(filepath.Dir(path), le), le.Detail)
-	case sealErr != nil:
-		return sealErr
-	}
 	return nil
 }
 
-func printSession(w io.Writer, id string, recs []audit.Record, begin audit.StatementBegin, stmts []audit.Statement, noLog bool) error {
-	fmt.Fprintf(w, "session %s\n", id)
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+// sessionPrinter prints a session for `wicket audit show`: its main-log records and
+// the statement log's begin line (rd is nil when the session has none), then each
+// statement as it is read.
+type sessionPrinter interface {
+	header(id string, recs []audit.Record, rd *audit.StatementReader) error
+	statement(s audit.Statement) error
+	end() error
+}
+
+// sessionTable is the human form: the records, then a table of statements.
+type sessionTable struct {
+	w    io.Writer
+	tw   *tabwriter.Writer
+	rows int
+}
+
+func (t *sessionTable) header(id string, recs []audit.Record, rd *audit.StatementReader) error {
+	fmt.Fprintf(t.w, "session %s\n", id)
+	tw := tabwriter.NewWriter(t.w, 0, 0, 2, ' ', 0)
 	for _, r := range recs {
 		var facts []string
 		add := func(k, v string) {
@@ -284,22 +295,96 @@ func printSession(w io.Writer, id string, recs []audit.Record, begin audit.State
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	if noLog {
-		fmt.Fprintln(w, "no statement log (not a database session with statement audit)")
-		return nil
+	if rd == nil {
+		_, err := fmt.Fprintln(t.w, "no statement log (not a database session with statement audit)")
+		return err
 	}
+	b := rd.Begin()
 	text := "hashes only"
-	if begin.RecordsText {
+	if b.RecordsText {
 		text = "text recorded"
 	}
-	fmt.Fprintf(w, "database %s as %s, %d statements (%s)\n", dash(begin.Database), dash(begin.DBUser), len(stmts), text)
-	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tSHA256\tTAG\tROWS\tDURATION\tSTATUS\tSQLSTATE\tTEXT")
-	for _, s := range stmts {
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%.16s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.Seq, s.Time.UTC().Format("2006-01-02T15:04:05.000000Z"),
-			s.Kind, s.SHA256, dash(s.Tag), s.Rows, s.Duration, s.Status, dash(s.SQLState), dash(oneLineText(s.Text, 60)))
+	fmt.Fprintf(t.w, "database %s as %s (%s)\n", dash(b.Database), dash(b.DBUser), text)
+	t.tw = tabwriter.NewWriter(t.w, 0, 0, 2, ' ', 0)
+	_, err := fmt.Fprintln(t.tw, "SEQ\tTIME\tKIND\tSHA256\tTAG\tROWS\tDURATION\tSTATUS\tSQLSTATE\tTEXT")
+	return err
+}
+
+// tableBlock is how many statement rows are aligned together: the table is flushed
+// every so many, so memory stays bounded however long the session.
+const tableBlock = 1000
+
+func (t *sessionTable) statement(s audit.Statement) error {
+	fmt.Fprintf(t.tw, "%d\t%s\t%s\t%.16s\t%s\t%d\t%s\t%s\t%s\t%s\n", s.Seq, s.Time.UTC().Format("2006-01-02T15:04:05.000000Z"),
+		s.Kind, s.SHA256, dash(s.Tag), s.Rows, s.Duration, s.Status, dash(s.SQLState), dash(oneLineText(s.Text, 60)))
+	if t.rows++; t.rows%tableBlock == 0 {
+		return t.tw.Flush()
 	}
-	return tw.Flush()
+	return nil
+}
+
+func (t *sessionTable) end() error {
+	if t.tw == nil {
+		return nil
+	}
+	if err := t.tw.Flush(); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(t.w, "%d statements\n", t.rows)
+	return err
+}
+
+// sessionJSON is the --json form: one JSON document, written as the statements are read.
+type sessionJSON struct {
+	w     io.Writer
+	first bool
+}
+
+func (j *sessionJSON) header(id string, recs []audit.Record, rd *audit.StatementReader) error {
+	if recs == nil {
+		recs = []audit.Record{}
+	}
+	head := struct {
+		Session       string                `json:"session_id"`
+		Records       []audit.Record        `json:"records"`
+		StatementsLog string                `json:"statements_log,omitempty"`
+		Begin         *audit.StatementBegin `json:"begin,omitempty"`
+	}{Session: id, Records: recs}
+	if rd != nil {
+		b := rd.Begin()
+		head.StatementsLog, head.Begin = audit.StatementLogName(id), &b
+	}
+	out, err := json.MarshalIndent(head, "", "  ")
+	if err != nil {
+		return err
+	}
+	// Reopen the object to append the statements array.
+	out = append(bytes.TrimSuffix(out, []byte("\n}")), []byte(",\n  \"statements\": [")...)
+	j.first = true
+	_, err = j.w.Write(out)
+	return err
+}
+
+func (j *sessionJSON) statement(s audit.Statement) error {
+	b, err := json.Marshal(s)
+	if err != nil {
+		return err
+	}
+	sep := ",\n    "
+	if j.first {
+		sep, j.first = "\n    ", false
+	}
+	_, err = j.w.Write(append([]byte(sep), b...))
+	return err
+}
+
+func (j *sessionJSON) end() error {
+	closing := "\n  ]\n}\n"
+	if j.first {
+		closing = "]\n}\n"
+	}
+	_, err := io.WriteString(j.w, closing)
+	return err
 }
 
 // oneLineText folds whitespace and cuts to about n characters, for a table cell.

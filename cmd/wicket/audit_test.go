@@ -209,7 +209,7 @@ func TestAuditShow(t *testing.T) {
 	hash := sha256.Sum256([]byte(fx.queries["s1"][0]))
 	for _, want := range []string{
 		"session s1\n", "session.started", "session.ended", "user alice", "resource pg", "agent db-agent",
-		"statements 5 (sealed", "database shop as app, 5 statements (text recorded)",
+		"statements 5 (sealed", "database shop as app (text recorded)", "\n5 statements\n",
 		hex.EncodeToString(hash[:])[:16], "SELECT 1", "42P01", "error", "250µs",
 		"SELECT name FROM items WHERE id = 1",
 	} {
@@ -217,8 +217,8 @@ func TestAuditShow(t *testing.T) {
 			t.Errorf("show output lacks %q:\n%s", want, out)
 		}
 	}
-	if n := strings.Count(out, "\n"); n != 1+2+1+1+5 {
-		t.Errorf("show printed %d lines, want 10 (title, 2 records, database, header, 5 statements):\n%s", n, out)
+	if n := strings.Count(out, "\n"); n != 1+2+1+1+5+1 {
+		t.Errorf("show printed %d lines, want 11 (title, 2 records, database, header, 5 statements, count):\n%s", n, out)
 	}
 
 	// --data-dir finds the audit log the way other commands find the gateway's state.
@@ -243,6 +243,30 @@ func TestAuditShow(t *testing.T) {
 		if s["sha256"] != hex.EncodeToString(sum[:]) || s["text"] != nil || s["prev"] == nil {
 			t.Errorf("statement %d as JSON = %v: want the full record, its hash, and no text (not recorded)", i+1, s)
 		}
+	}
+
+	// A raw TCP session has records and no statement log.
+	l, err := audit.OpenWithOptions(fx.log, audit.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = l.Write(audit.Record{Type: audit.TypeSessionStarted, SessionID: "raw1", User: "bob", Resource: "ssh"})
+	if cerr := l.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runAuditCmd("show", "raw1", "--file", fx.log); err != nil || !strings.Contains(out, "user bob") || !strings.Contains(out, "no statement log") {
+		t.Errorf("show of a raw session: %v\n%s", err, out)
+	}
+	out, err = runAuditCmd("show", "raw1", "--file", fx.log, "--json")
+	var raw struct {
+		Records    []audit.Record    `json:"records"`
+		Statements []json.RawMessage `json:"statements"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &raw) != nil || len(raw.Records) != 1 || raw.Statements == nil || len(raw.Statements) != 0 {
+		t.Errorf("show --json of a raw session: %v\n%s", err, out)
 	}
 
 	if _, err := runAuditCmd("show", "nosuch", "--file", fx.log); err == nil || !strings.Contains(err.Error(), "nosuch is not in audit log") {

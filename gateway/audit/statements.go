@@ -811,32 +811,99 @@ func (sc *statementScanner) next() (bool, error) {
 	return true, nil
 }
 
-// ReadStatementLog reads the statement log at path, checking its chain as it goes
-// (the begin line must name the session the file is named for). On damage it returns
-// what it read before it and a *StatementLogError; a torn last line is not an error
-// (see [CheckStatementLog] to learn of it).
+// StatementReader reads a statement log one statement at a time, checking its chain as
+// it goes, so a log of any size is read in constant memory:
+//
+//	r, err := audit.OpenStatementReader(path)
+//	...
+//	defer r.Close()
+//	for r.Next() {
+//		s := r.Statement()
+//	}
+//	if err := r.Err(); err != nil { ... }
+type StatementReader struct {
+	f   *os.File
+	sc  *statementScanner
+	err error
+}
+
+// OpenStatementReader opens the statement log at path and reads its begin line, which
+// must name the session the file is named for. Damage is a *StatementLogError.
+func OpenStatementReader(path string) (*StatementReader, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read statement log: %w", err)
+	}
+	r := &StatementReader{f: f, sc: newStatementScanner(f, path, sessionOfFile(path))}
+	if err := r.sc.begin(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+// Begin returns the begin line.
+func (r *StatementReader) Begin() StatementBegin { return r.sc.info.Begin }
+
+// Next reads the next statement; it returns false at the end of the log and on damage
+// (see Err).
+func (r *StatementReader) Next() bool {
+	if r.err != nil {
+		return false
+	}
+	for {
+		ok, err := r.sc.next()
+		if err != nil || !ok {
+			r.err = err
+			return false
+		}
+		if !r.sc.info.Recovered {
+			return true
+		}
+	}
+}
+
+// Statement returns the statement the last Next read.
+func (r *StatementReader) Statement() Statement { return r.sc.stmt }
+
+// Err returns the damage or I/O error that stopped Next, nil at a clean end.
+func (r *StatementReader) Err() error { return r.err }
+
+// Info says what was read so far; after Next returned false with no error, where the
+// log ends (its seal, a torn tail, a recovery line).
+func (r *StatementReader) Info() StatementLogInfo { return r.sc.info }
+
+// Close closes the file.
+func (r *StatementReader) Close() error { return r.f.Close() }
+
+// ReadStatementLog reads the whole statement log at path with a [StatementReader]. On
+// damage it returns what it read before it and a *StatementLogError; a torn last line
+// is not an error (see [CheckStatementLog] to learn of it).
 func ReadStatementLog(path string) (StatementBegin, []Statement, error) {
+	r, err := OpenStatementReader(path)
+	if err != nil {
+		return StatementBegin{}, nil, err
+	}
+	defer r.Close()
 	var out []Statement
-	info, err := scanStatementLog(path, func(s Statement) { out = append(out, s) })
-	return info.Begin, out, err
+	for r.Next() {
+		out = append(out, r.Statement())
+	}
+	return r.Begin(), out, r.Err()
 }
 
 // CheckStatementLog verifies the chain of the statement log at path without keeping
 // its statements, and says where it ends (its seal, a torn tail, a recovery line).
 func CheckStatementLog(path string) (StatementLogInfo, error) {
-	return scanStatementLog(path, nil)
-}
-
-func scanStatementLog(path string, each func(Statement)) (StatementLogInfo, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return StatementLogInfo{Head: Genesis}, fmt.Errorf("read statement log: %w", err)
 	}
 	defer f.Close()
-	return scanStatements(f, path, sessionOfFile(path), each)
+	return scanStatements(f, path, sessionOfFile(path))
 }
 
-func scanStatements(r io.Reader, name, session string, each func(Statement)) (StatementLogInfo, error) {
+func scanStatements(r io.Reader, name, session string) (StatementLogInfo, error) {
 	sc := newStatementScanner(r, name, session)
 	if err := sc.begin(); err != nil {
 		return sc.info, err
@@ -845,9 +912,6 @@ func scanStatements(r io.Reader, name, session string, each func(Statement)) (St
 		ok, err := sc.next()
 		if err != nil || !ok {
 			return sc.info, err
-		}
-		if each != nil && !sc.info.Recovered {
-			each(sc.stmt)
 		}
 	}
 }
@@ -995,7 +1059,7 @@ func VerifyStatementLogs(auditPath string) (StatementsResult, error) {
 		if err != nil {
 			return res, fmt.Errorf("verify statement logs: %w", err)
 		}
-		info, err := scanStatements(f, rel, id, nil)
+		info, err := scanStatements(f, rel, id)
 		f.Close()
 		res.Statements += info.Statements
 		s, known := sessions[id]
