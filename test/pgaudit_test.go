@@ -311,3 +311,251 @@ func TestPostgresStatementAudit(t *testing.T) {
 		t.Fatalf("verify did not find the edited statement line: %v\n%s%s", err, out, errOut)
 	}
 }
+
+// rssKiB reads a process's resident set (VmRSS) and its peak (VmHWM) in KiB.
+func rssKiB(t *testing.T, p *Process) (rss, peak int64) {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		v, _ := strconv.ParseInt(f[1], 10, 64)
+		switch f[0] {
+		case "VmRSS:":
+			rss = v
+		case "VmHWM:":
+			peak = v
+		}
+	}
+	return rss, peak
+}
+
+// TestPostgresLargeResultBoundedMemory streams a 1,000,000-row result through a raw TCP
+// resource and through a postgres:// one: the bytes are those of the direct query, and the
+// gateway's and the agent's memory grow by a bounded amount, as much with the protocol
+// followed as without.
+func TestPostgresLargeResultBoundedMemory(t *testing.T) {
+	needPostgres(t)
+	h := NewHarness(t)
+	gw := h.StartGateway(GatewayOptions{Policy: allowAlice})
+	agent, _ := h.StartAgent(gw, "db-agent", "raw=127.0.0.1:5432", "pg=postgres://127.0.0.1:5432?sslmode=require")
+	user := h.Login(gw, "alice")
+	_, rawAddr := h.Connect(user, "raw")
+	_, pgAddr := h.Connect(user, "pg")
+
+	const query = "select g, md5(g::text) from generate_series(1, 1000000) g"
+	want := sha(psql(t, "127.0.0.1:5432", "-c", query))
+	const boundKiB = 48 << 10 // far under the ~40 MiB result, so buffering it would fail
+	for _, c := range []struct{ name, addr string }{{"raw", rawAddr}, {"pg", pgAddr}} {
+		gwBefore, _ := rssKiB(t, gw.Process)
+		agBefore, _ := rssKiB(t, agent)
+		out := psql(t, c.addr, "-c", query)
+		if got := sha(out); got != want || strings.Count(out, "\n") != 1000000 {
+			t.Fatalf("%s: the 1,000,000 rows differ from the direct query's (%d lines)", c.name, strings.Count(out, "\n"))
+		}
+		_, gwPeak := rssKiB(t, gw.Process)
+		_, agPeak := rssKiB(t, agent)
+		t.Logf("%s: peak RSS growth: gateway %d KiB, agent %d KiB", c.name, gwPeak-gwBefore, agPeak-agBefore)
+		if gwPeak-gwBefore > boundKiB || agPeak-agBefore > boundKiB {
+			t.Errorf("%s: memory grew by more than %d KiB: gateway %d KiB, agent %d KiB", c.name, boundKiB, gwPeak-gwBefore, agPeak-agBefore)
+		}
+	}
+	eventually(t, "the pg session's end", func() bool { return len(endedSessions(gw, "pg")) == 1 })
+	stmts := statementsOf(t, gw, endedSessions(gw, "pg")[0]["session_id"].(string))
+	if len(stmts) != 1 || stmts[0].Tag != "SELECT 1000000" || stmts[0].Rows != 1000000 {
+		t.Fatalf("the big select's record: %+v", stmts)
+	}
+}
+
+// rawPG dials addr (a `wicket connect` port) and returns the connection.
+func rawPG(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(waitTimeout))
+	return c
+}
+
+// readAll reads what the gateway answers until it closes the connection.
+func readAll(c net.Conn) []byte {
+	var buf bytes.Buffer
+	_, _ = buf.ReadFrom(c)
+	return buf.Bytes()
+}
+
+// TestPostgresHostileClient sends what a broken or hostile client might: each session ends
+// with one clear error and an audit record, and a session open meanwhile is not disturbed.
+func TestPostgresHostileClient(t *testing.T) {
+	needPostgres(t)
+	h := NewHarness(t)
+	gw := h.StartGateway(GatewayOptions{Policy: allowAlice})
+	h.StartAgent(gw, "db-agent", "pg=postgres://127.0.0.1:5432?sslmode=disable")
+	user := h.Login(gw, "alice")
+	_, addr := h.Connect(user, "pg")
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	bystander, err := pgx.Connect(ctx, pgURL(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bystander.Close(ctx)
+
+	startup := func(params ...string) []byte {
+		body := []byte{0, 3, 0, 0}
+		for _, p := range params {
+			body = append(append(body, p...), 0)
+		}
+		body = append(body, 0)
+		return append([]byte{byte((len(body) + 4) >> 24), byte((len(body) + 4) >> 16), byte((len(body) + 4) >> 8), byte(len(body) + 4)}, body...)
+	}
+
+	t.Run("startup packet too large", func(t *testing.T) {
+		c := rawPG(t, addr)
+		c.Write([]byte{0, 1, 0, 0, 0, 3, 0, 0}) // 65536 bytes announced, over 10000
+		if got := readAll(c); len(got) == 0 || got[0] != 'E' || !bytes.Contains(got, []byte("wicket: ")) || !bytes.Contains(got, []byte("08P01")) {
+			t.Fatalf("answer %q, want an ErrorResponse 08P01 from wicket", got)
+		}
+		gw.WaitAudit(map[string]string{"type": "session.denied", "resource": "pg", "reason": "the client broke the PostgreSQL protocol in its startup: " + firstReason(t, gw, "too large")})
+	})
+	t.Run("garbage instead of a startup", func(t *testing.T) {
+		c := rawPG(t, addr)
+		c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+		if got := readAll(c); len(got) == 0 || got[0] != 'E' || !bytes.Contains(got, []byte("08P01")) {
+			t.Fatalf("answer %q, want an ErrorResponse 08P01", got)
+		}
+	})
+	t.Run("direct TLS", func(t *testing.T) {
+		c := rawPG(t, addr)
+		c.Write([]byte{0x16, 3, 1, 0, 0x30}) // a TLS record header: PostgreSQL 17 sslnegotiation=direct
+		if got := readAll(c); len(got) == 0 || got[0] != 0x15 {
+			t.Fatalf("answer %q, want a TLS alert record", got)
+		}
+		firstReason(t, gw, "direct TLS")
+	})
+	t.Run("protocol 3.2", func(t *testing.T) {
+		c := rawPG(t, addr)
+		s := startup("user", "postgres")
+		s[7] = 2
+		c.Write(s)
+		if got := readAll(c); len(got) == 0 || got[0] != 'E' {
+			t.Fatalf("answer %q, want an ErrorResponse", got)
+		}
+	})
+	t.Run("message over the cap after the startup", func(t *testing.T) {
+		c := rawPG(t, addr)
+		c.Write(startup("user", "postgres", "database", "postgres"))
+		// Trust authentication: read up to ReadyForQuery ('Z', length 5, status).
+		var seen bytes.Buffer
+		buf := make([]byte, 4096)
+		for !bytes.Contains(seen.Bytes(), []byte{'Z', 0, 0, 0, 5}) {
+			n, err := c.Read(buf)
+			if err != nil {
+				t.Fatalf("no ReadyForQuery after the startup: %v (%q)", err, seen.Bytes())
+			}
+			seen.Write(buf[:n])
+		}
+		c.Write([]byte{'Q', 0x40, 0, 0, 0}) // a 1 GiB query announced
+		got := readAll(c)
+		if len(got) == 0 || got[0] != 'E' || !bytes.Contains(got, []byte("08P01")) {
+			t.Fatalf("answer %q, want an ErrorResponse 08P01", got)
+		}
+		eventually(t, "the violation's session.ended", func() bool {
+			for _, r := range gw.AuditRecords() {
+				if r["type"] == "session.ended" && r["outcome"] == "error" && strings.Contains(fmt.Sprint(r["reason"]), "protocol violation") {
+					return true
+				}
+			}
+			return false
+		})
+	})
+	var one int
+	ctx, cancel = context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	if err := bystander.QueryRow(ctx, "select 1").Scan(&one); err != nil || one != 1 {
+		t.Fatalf("the session open meanwhile was disturbed: %v", err)
+	}
+}
+
+// firstReason waits for a session.denied of resource pg whose reason contains what, and
+// returns the part of the reason after the startup prefix.
+func firstReason(t *testing.T, gw *Gateway, what string) string {
+	t.Helper()
+	var reason string
+	eventually(t, "a session.denied saying "+what, func() bool {
+		for _, r := range gw.AuditRecords() {
+			if s := fmt.Sprint(r["reason"]); r["type"] == "session.denied" && strings.Contains(s, what) {
+				reason = strings.TrimPrefix(s, "the client broke the PostgreSQL protocol in its startup: ")
+				return true
+			}
+		}
+		return false
+	})
+	return reason
+}
+
+// TestPostgresSessionSealedAfterCrash kills the gateway with SIGKILL in the middle of a
+// PostgreSQL session: the next start ends the session with outcome gateway_crashed, closes
+// its statement log with a recovery line and seals it into that session.ended, and the
+// whole audit verifies.
+func TestPostgresSessionSealedAfterCrash(t *testing.T) {
+	needPostgres(t)
+	h := NewHarness(t)
+	gw := h.StartGateway(GatewayOptions{Policy: allowAlice})
+	h.StartAgent(gw, "db-agent", "pg=postgres://127.0.0.1:5432")
+	_, addr := h.Connect(h.Login(gw, "alice"), "pg")
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, pgURL(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	for i := 0; i < 5; i++ {
+		if _, err := conn.Exec(ctx, fmt.Sprintf("select %d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sid := auditValue(gw.WaitAudit(map[string]string{"type": "session.started", "resource": "pg"})["session_id"])
+	eventually(t, "the five statements in the log", func() bool {
+		data, _ := os.ReadFile(filepath.Join(gw.DataDir, "statements", sid+".log"))
+		return bytes.Count(data, []byte(`"type":"statement"`)) == 5
+	})
+
+	gw.kill9()
+	gw2 := h.StartGateway(GatewayOptions{DataDir: gw.DataDir, Policy: allowAlice})
+	ended := gw2.WaitAudit(map[string]string{"type": "session.ended", "session_id": sid})
+	extra, _ := ended["extra"].(map[string]any)
+	if ended["outcome"] != "gateway_crashed" || auditValue(extra["statements"]) != "5" || extra["statements_head"] == nil {
+		t.Fatalf("the open PostgreSQL session was ended as %v, want gateway_crashed sealing 5 statements", ended)
+	}
+	if out, errOut, err := h.Run(nil, "audit", "verify", filepath.Join(gw.DataDir, "audit.log")); err != nil {
+		t.Fatalf("verify after the crash: %v\n%s%s", err, out, errOut)
+	}
+}
+
+// TestPostgresPinnedByTheGateway is an agent that announces its PostgreSQL resource as raw
+// TCP (an old agent, or a compromised one hiding statements): the gateway's
+// --postgres-resources pins it, so every statement is audited anyway.
+func TestPostgresPinnedByTheGateway(t *testing.T) {
+	needPostgres(t)
+	h := NewHarness(t)
+	gw := h.StartGateway(GatewayOptions{Policy: allowAlice, Args: []string{"--postgres-resources", "db-*"}})
+	h.StartAgent(gw, "db-agent", "db-main=127.0.0.1:5432")
+	_, addr := h.Connect(h.Login(gw, "alice"), "db-main")
+	if got := psql(t, addr, "-c", "select 'pinned'"); strings.TrimSpace(got) != "pinned" {
+		t.Fatalf("psql printed %q", got)
+	}
+	eventually(t, "the session's end", func() bool { return len(endedSessions(gw, "db-main")) == 1 })
+	stmts := statementsOf(t, gw, endedSessions(gw, "db-main")[0]["session_id"].(string))
+	if len(stmts) != 1 || stmts[0].SHA256 != sha("select 'pinned'") || stmts[0].Text != "" {
+		t.Fatalf("statements of the pinned resource: %+v (want one, hashed, without text: the agent did not opt in)", stmts)
+	}
+}
