@@ -155,7 +155,7 @@ func runPgbench(cfg pgbenchConfig, add func(name, value, ratio, target string, o
 		add("pgbench "+w.name+" TPS", fmt.Sprintf("direct %.0f, raw %.0f, audit %.0f", median(tps[pgDirect]), median(tps[pgRaw]), median(tps[pgAudit])), "", "", true)
 		add("  audit/raw", fmtRatios(auditRaw), fmt.Sprintf("ratio %.2f", ar), ">= 0.9x", ar >= 0.9)
 		add("  raw/direct", fmtRatios(rawDirect), fmt.Sprintf("ratio %.2f", median(rawDirect)), "", true)
-		add("  statements audited", fmt.Sprintf("%.0f stmt/s, %.0f log bytes/stmt, %.2f stmt/tx", median(stmtRate), median(bytesPerStmt), median(stmtPerTx)), "", "", true)
+		add("  statements audited", fmt.Sprintf("%.0f stmt/s, %.0f B/stmt, %.2f stmt/tx", median(stmtRate), median(bytesPerStmt), median(stmtPerTx)), "", "", true)
 		add("  gateway CPU/tx", fmt.Sprintf("raw %.0f us, audit %.0f us", median(gwCPU[pgRaw]), median(gwCPU[pgAudit])), fmt.Sprintf("ratio %.2f", median(gwCPU[pgAudit])/median(gwCPU[pgRaw])), "", true)
 		add("  agent CPU/tx", fmt.Sprintf("raw %.0f us, audit %.0f us", median(agentCPU[pgRaw]), median(agentCPU[pgAudit])), fmt.Sprintf("ratio %.2f", median(agentCPU[pgAudit])/median(agentCPU[pgRaw])), "", true)
 	}
