@@ -49,6 +49,45 @@
 // parsed. Pending requests and tracked prepared statements are capped by
 // [Options.MaxPending] and [Options.MaxTracked].
 //
+// # What a record means
+//
+// One [Statement] per Query message (all its statements together, tags
+// joined by "; "), per Execute, and per FunctionCall. Requests are matched to
+// answers in order (a FIFO of the client messages that expect one), which
+// covers pipelining (many Executes before one Sync, pgx batches and
+// pipeline mode):
+//
+//   - An Execute's text is that of the statement its portal was bound
+//     from. Statement and portal names are tracked as the server confirms
+//     them (ParseComplete, BindComplete, CloseComplete; a simple Query drops
+//     the unnamed ones), so a Parse the server refuses, a duplicate name,
+//     cannot make an Execute be recorded with a text other than the one
+//     that ran. A portal bound from a statement made by SQL PREPARE has no
+//     text here (the PREPARE is its own record).
+//   - An Execute with a row limit that ends in PortalSuspended is a
+//     record of its own, Status ok, no tag, Rows the DataRows it returned;
+//     the Execute that finishes the portal carries the CommandComplete tag.
+//   - After an ErrorResponse the server discards everything up to the
+//     Sync: the Executes in between are recorded "skipped", with the text
+//     the client had bound them to. An error on a Parse, Bind, Describe or
+//     Close is charged to the next Execute before the Sync (Status error,
+//     that SQLSTATE); with no such Execute, a failed Parse or Bind is
+//     recorded on its own (Kind extended). An error answering the Sync
+//     itself (a deferred constraint failing at the implicit commit) is not
+//     attributed: the Executes before it were already recorded ok.
+//   - Statements pending when the session ends are recorded "incomplete".
+//
+// Records are made before the server's message that completes them is
+// forwarded (fail closed). If [Options.OnStatement] fails, the session ends
+// there: the statement has run on the server, but the client never sees its
+// result; it gets an ErrorResponse (SQLSTATE 58000) instead.
+//
+// A protocol violation from either side ends the session with an
+// ErrorResponse to the client (SQLSTATE 08P01, "wicket: protocol violation:
+// ..."), written when the stream to the client is at a message boundary
+// (it is not in the middle of a DataRow the server was sending, say: then
+// the client sees the connection end).
+//
 // # Not supported
 //
 // Protocol 3.2 (PostgreSQL 18's longer cancel keys): the client must use
