@@ -38,9 +38,6 @@ import (
 // resource; the gateway then sends the server's own key through the agent session that
 // carries the statement's backend.
 
-// typeStatementCancel is the main log's record of a CancelRequest forwarded or refused.
-const typeStatementCancel = "statement.cancel"
-
 // pgHandshakeTimeout bounds the time a client has for its startup packets once the
 // gateway answered OK.
 const pgHandshakeTimeout = 30 * time.Second
@@ -235,7 +232,7 @@ func (t *cancelTable) drop(c *pgCancel) {
 // else is refused and recorded; as PostgreSQL does, the client hears nothing either way.
 func (g *Gateway) cancelStatement(p *peer, base audit.Record, req *pgproto3.CancelRequest) {
 	r := base
-	r.Type = typeStatementCancel
+	r.Type = audit.TypeStatementCancel
 	c := g.pgCancels.lookup(req.ProcessID, req.SecretKey)
 	if c == nil || c.user != base.User || c.resource != base.Resource {
 		r.Outcome, r.Reason = audit.OutcomeDenied, fmt.Sprintf("the cancel key matches no live PostgreSQL session of user %s on resource %s", base.User, base.Resource)

@@ -318,6 +318,10 @@ const (
 	TypeACMEValidation = "acme.validation"
 	// TypeACMERevoked: a certificate of the ACME server revoked through ACME (revokeCert).
 	TypeACMERevoked = "acme.revoked"
+	// TypeStatementCancel: a PostgreSQL CancelRequest, forwarded to the backend of the
+	// session it names (extra cancelled_session; outcome ok or error) or refused because
+	// its key matches no live session of that user on that resource (outcome denied).
+	TypeStatementCancel = "statement.cancel"
 )
 
 // Outcome values for [Record.Outcome].
