@@ -438,13 +438,14 @@ func (t *tap) process(p []byte) error {
 			}
 			fwd = i
 		}
+		needPrefix := !t.toClient && (typ == 'B' || typ == 'F')
 		t.prefix, t.want = t.prefix[:0], t.prefixWanted(typ, body)
-		if t.want == 0 && !split && len(p)-i >= body {
+		if !needPrefix && !split && len(p)-i >= body {
 			i += body // the common DataRow: whole in p, passed over
 			continue
 		}
 		t.inBody = body > 0
-		if t.want == 0 && (typ == 'B' || typ == 'F') {
+		if needPrefix && body == 0 {
 			if err := t.prefixDone(); err != nil {
 				return err
 			}

@@ -204,6 +204,8 @@ func TestFollowHostileClient(t *testing.T) {
 		{"unknown type", []byte("GET / HTTP/1.1\r\n\r\n"), "unknown type"},
 		{"undecodable body", []byte{'E', 0, 0, 0, 6, 'x', 'y'}, "does not decode"},
 		{"bind without names", append([]byte{'B', 0, 0, 0x20, 4}, make([]byte, 8192)...), "Bind"},
+		{"empty bind", []byte{'B', 0, 0, 0, 4}, "Bind"},
+		{"empty function call", []byte{'F', 0, 0, 0, 4}, "FunctionCall"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			leakCheck(t)
