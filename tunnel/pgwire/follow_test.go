@@ -38,10 +38,15 @@ func TestFollowSimpleQuery(t *testing.T) {
 	if _, err := c.Exec(ctx, "").ReadAll(); err != nil {
 		t.Fatal(err)
 	}
-	got := p.statements()
-	if len(got) != 4 {
-		t.Fatalf("recorded %d statements, want 4: %+v", len(got), got)
+	const utf8 = "select 'Zürich ☃' as 名前"
+	if _, err := c.Exec(ctx, utf8).ReadAll(); err != nil {
+		t.Fatal(err)
 	}
+	got := p.statements()
+	if len(got) != 5 {
+		t.Fatalf("recorded %d statements, want 5: %+v", len(got), got)
+	}
+	checkStatement(t, got[4], KindSimple, utf8, "SELECT 1", 1, StatusOK, "")
 	checkStatement(t, got[0], KindSimple, multi, "SELECT 1; SELECT 3", 4, StatusOK, "")
 	checkStatement(t, got[1], KindSimple, create, "CREATE TABLE", 0, StatusOK, "")
 	checkStatement(t, got[2], KindSimple, insert, "INSERT 0 5", 5, StatusOK, "")
@@ -80,10 +85,16 @@ func TestFollowErrorSQLState(t *testing.T) {
 	if err := c.ExecParams(ctx, divide, [][]byte{[]byte("0")}, nil, nil, nil).Read().Err; pgState(err) != "22012" {
 		t.Fatalf("extended error %v, want SQLSTATE 22012", err)
 	}
-	got := p.statements()
-	if len(got) != 3 {
-		t.Fatalf("recorded %d statements, want 3: %+v", len(got), got)
+	// A Prepare alone (Parse, Describe, Sync) that fails is its own record.
+	const prepareOnly = "select nothing from wicket_missing_table"
+	if _, err := c.Prepare(ctx, "bad", prepareOnly, nil); pgState(err) != "42P01" {
+		t.Fatalf("prepare error %v, want SQLSTATE 42P01", err)
 	}
+	got := p.statements()
+	if len(got) != 4 {
+		t.Fatalf("recorded %d statements, want 4: %+v", len(got), got)
+	}
+	checkStatement(t, got[3], KindExtended, prepareOnly, "", 0, StatusError, "42P01")
 	checkStatement(t, got[0], KindSimple, missing, "SELECT 1", 1, StatusError, "42P01")
 	// The Parse failed: the Execute after it carries its error.
 	checkStatement(t, got[1], KindExtended, missingExt, "", 0, StatusError, "42P01")
