@@ -58,7 +58,8 @@ type Options struct {
 	// statement has run on the server, but the client never sees its result.
 	// When the session ends, statements still pending are passed with
 	// StatusIncomplete; an error then is returned by Follow. nil: statements
-	// are followed and dropped. Never called concurrently.
+	// are followed and dropped. Never called concurrently; it runs on the
+	// path from the server to the client, so a slow one slows the session.
 	OnStatement func(Statement) error
 	// OnBackendKey is given the server's BackendKeyData and returns the key
 	// the client sees instead (so a CancelRequest must come back through the
