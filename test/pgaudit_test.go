@@ -58,13 +58,7 @@ func psql(t *testing.T, addr string, args ...string) string {
 	return out.String()
 }
 
-// pgSession is one PostgreSQL session as the audit log has it: its session.ended record and
-// its statements from `wicket audit show SESSION --json`.
-type pgSession struct {
-	Ended      map[string]any
-	Statements []pgStatement
-}
-
+// pgStatement is one line of a statement log, the fields the tests read.
 type pgStatement struct {
 	Kind     string `json:"kind"`
 	SHA256   string `json:"sha256"`
