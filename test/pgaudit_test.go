@@ -553,3 +553,29 @@ func TestPostgresPinnedByTheGateway(t *testing.T) {
 		t.Fatalf("statements of the pinned resource: %+v (want one, hashed, without text: the agent did not opt in)", stmts)
 	}
 }
+
+// TestPostgresDatabaseTLSVerified exposes the database with sslmode=verify-full: the
+// agent's backend is encrypted (pg_stat_ssl), and a URL whose host the server's certificate
+// does not name is refused with a reason the client prints, naming no address.
+func TestPostgresDatabaseTLSVerified(t *testing.T) {
+	needPostgres(t)
+	// The local server's certificate: Debian's snakeoil, self-signed for DNS name localhost.
+	const root = "/etc/ssl/certs/ssl-cert-snakeoil.pem"
+	h := NewHarness(t)
+	gw := h.StartGateway(GatewayOptions{Policy: allowAlice})
+	h.StartAgent(gw, "db-agent", "pg="+"postgres://localhost:5432?sslmode=verify-full&sslrootcert="+root,
+		"wrongname=postgres://127.0.0.1:5432?sslmode=verify-full&sslrootcert="+root)
+	user := h.Login(gw, "alice")
+	_, addr := h.Connect(user, "pg")
+	if got := psql(t, addr, "-c", "select ssl from pg_stat_ssl where pid = pg_backend_pid()"); strings.TrimSpace(got) != "t" {
+		t.Fatalf("pg_stat_ssl of the agent's backend says ssl = %q, want t (sslmode=verify-full)", got)
+	}
+	_, wrong := h.Connect(user, "wrongname")
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "psql", pgURL(wrong), "-X", "-c", "select 1").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "does not name the resource's host") {
+		t.Fatalf("psql through a verify-full resource whose certificate does not match: %v\n%s", err, out)
+	}
+	gw.WaitAudit(map[string]string{"type": "session.denied", "resource": "wrongname"})
+}
