@@ -121,6 +121,7 @@ func runPgbench(cfg pgbenchConfig, add func(name, value, ratio, target string, o
 		return fmt.Errorf("pgbench -i %s failed: %v\n%s", pgBenchDB, err, out)
 	}
 	ports := map[pgPath]string{pgDirect: pgPort, pgRaw: r.port[pgRaw], pgAudit: r.port[pgAudit]}
+	var audited int64 // statements of every audit run, to check against wicket audit verify
 
 	for _, w := range pgWorkloads {
 		var tps [3][]float64
@@ -135,6 +136,7 @@ func runPgbench(cfg pgbenchConfig, add func(name, value, ratio, target string, o
 					return err
 				}
 				got[p] = run
+				audited += run.statements
 				tps[p] = append(tps[p], run.tps)
 				g, a := run.cpuPerTx()
 				gwCPU[p] = append(gwCPU[p], float64(g)/1e3)
@@ -159,8 +161,37 @@ func runPgbench(cfg pgbenchConfig, add func(name, value, ratio, target string, o
 		add("  gateway CPU/tx", fmt.Sprintf("raw %.0f us, audit %.0f us", median(gwCPU[pgRaw]), median(gwCPU[pgAudit])), fmt.Sprintf("ratio %.2f", median(gwCPU[pgAudit])/median(gwCPU[pgRaw])), "", true)
 		add("  agent CPU/tx", fmt.Sprintf("raw %.0f us, audit %.0f us", median(agentCPU[pgRaw]), median(agentCPU[pgAudit])), fmt.Sprintf("ratio %.2f", median(agentCPU[pgAudit])/median(agentCPU[pgRaw])), "", true)
 	}
+	logs, verified, took, err := r.verify()
+	if err != nil {
+		return err
+	}
+	if verified != audited {
+		return fmt.Errorf("wicket audit verify checked %d statements, the pgbench runs counted %d: the count is wrong", verified, audited)
+	}
+	add("audit verify", fmt.Sprintf("ok, %d statements in %d logs, %.1f s", verified, logs, took.Seconds()), "", "", true)
 	fmt.Printf("pgbench: machine after: %s\n", uptime())
 	return nil
+}
+
+// verify runs `wicket audit verify` on the gateway's audit log, which checks
+// its chain and every statement log against the seal in its session.ended,
+// and returns the logs and statements it checked and how long it took.
+func (r *pgRig) verify() (logs, statements int64, took time.Duration, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	start := time.Now()
+	out, err := exec.CommandContext(ctx, r.bin, "audit", "verify", filepath.Join(r.gwData, "audit.log")).CombinedOutput()
+	took = time.Since(start)
+	if err != nil {
+		return 0, 0, 0, fmt.Errorf("wicket audit verify failed on the benchmark's own logs: %v\n%s", err, out)
+	}
+	m := regexp.MustCompile(`(?m)^ok: ([0-9]+) statement logs, ([0-9]+) statements$`).FindSubmatch(out)
+	if m == nil {
+		return 0, 0, 0, fmt.Errorf("wicket audit verify printed no statement count:\n%s", out)
+	}
+	logs, _ = strconv.ParseInt(string(m[1]), 10, 64)
+	statements, _ = strconv.ParseInt(string(m[2]), 10, 64)
+	return logs, statements, took, nil
 }
 
 // pgThreads is pgbench -j for clients: 2, as the issue's command line has it,
