@@ -31,7 +31,10 @@ import (
 // chained statement log (audit.StatementLog), whose seal goes into session.ended. Parsing
 // runs here, not on the agent, so what the user sent is recorded from the user's own
 // stream: a compromised agent can lie about results (it plays the server), not about the
-// statements (tunnel/pgwire's package doc has the whole analysis).
+// statements (tunnel/pgwire's package doc has the whole analysis). The statement log
+// batches its writes off the reply path (audit.StatementLog): a log that cannot be written
+// (a full disk) ends the session at its next statement, at most about a second after the
+// first line it lost, and the session.ended seal covers what is in the file.
 //
 // Cancel keys: the client is given a key the gateway minted, never the server's, so a
 // CancelRequest must come back through the gateway, from the same user, for the same
