@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -112,12 +113,22 @@ func runPgbench(cfg pgbenchConfig, add func(name, value, ratio, target string, o
 	if err != nil {
 		return err
 	}
+	dropDB := func() { psql("postgres", "DROP DATABASE IF EXISTS "+pgBenchDB+" WITH (FORCE)") }
+	// An interrupted run still stops its processes, drops its database and
+	// removes its directory (the data dir of a gateway is not left in /tmp).
+	stopCleanup := onInterrupt(func() {
+		r.close()
+		dropDB()
+	})
+	defer stopCleanup()
 	defer r.close()
 	if err := psql("postgres", "DROP DATABASE IF EXISTS "+pgBenchDB+" WITH (FORCE)", "CREATE DATABASE "+pgBenchDB); err != nil {
 		return err
 	}
-	defer psql("postgres", "DROP DATABASE IF EXISTS "+pgBenchDB+" WITH (FORCE)")
-	if out, err := pgCommand(context.Background(), pgPort, "pgbench", "-i", "-q", pgBenchDB).CombinedOutput(); err != nil {
+	defer dropDB()
+	initCtx, cancelInit := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancelInit()
+	if out, err := pgCommand(initCtx, pgPort, "pgbench", "-i", "-q", pgBenchDB).CombinedOutput(); err != nil {
 		return fmt.Errorf("pgbench -i %s failed: %v\n%s", pgBenchDB, err, out)
 	}
 	ports := map[pgPath]string{pgDirect: pgPort, pgRaw: r.port[pgRaw], pgAudit: r.port[pgAudit]}
@@ -166,7 +177,7 @@ func runPgbench(cfg pgbenchConfig, add func(name, value, ratio, target string, o
 		return err
 	}
 	if verified != audited {
-		return fmt.Errorf("wicket audit verify checked %d statements, the pgbench runs counted %d: the count is wrong", verified, audited)
+		return fmt.Errorf("wicket audit verify checked %d statements but the pgbench runs added %d to the statement logs: one of the counts is wrong, which is a bug to report", verified, audited)
 	}
 	add("audit verify", fmt.Sprintf("ok, %d statements in %d logs, %.1f s", verified, logs, took.Seconds()), "", "", true)
 	fmt.Printf("pgbench: machine after: %s\n", uptime())
@@ -209,6 +220,8 @@ type pgRig struct {
 	gw     *benchProc
 	agent  *benchProc
 	port   map[pgPath]string // local port of the connect listener per path
+
+	closeOnce sync.Once
 }
 
 // startPgRig builds ./cmd/wicket and starts everything as the README does.
@@ -522,12 +535,36 @@ func uptime() string {
 	return "load average " + strings.TrimSpace(string(b))
 }
 
-// close stops the processes, newest first, and removes the directory.
+// close stops the processes, newest first, and removes the directory. It
+// may be called more than once, also from onInterrupt's goroutine.
 func (r *pgRig) close() {
-	for i := len(r.procs) - 1; i >= 0; i-- {
-		r.procs[i].stop()
+	r.closeOnce.Do(func() {
+		for i := len(r.procs) - 1; i >= 0; i-- {
+			r.procs[i].stop()
+		}
+		os.RemoveAll(r.dir)
+	})
+}
+
+// onInterrupt runs cleanup and exits with status 130 when SIGINT or SIGTERM
+// arrives before the returned stop is called.
+func onInterrupt(cleanup func()) (stop func()) {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() {
+		select {
+		case <-sig:
+			fmt.Fprintln(os.Stderr, "wicket-bench: interrupted; stopping the wicket processes and dropping", pgBenchDB)
+			cleanup()
+			os.Exit(130)
+		case <-done:
+		}
+	}()
+	return func() {
+		signal.Stop(sig)
+		close(done)
 	}
-	os.RemoveAll(r.dir)
 }
 
 // benchProc is one wicket process whose output lines are kept (the last
