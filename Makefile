@@ -31,7 +31,7 @@ unit: ## unit tests of the core packages with the race detector (needs PostgreSQ
 e2e: ## end-to-end tests: the real wicket binary as separate processes on loopback
 	$(GO) test -count=1 -timeout 15m ./test/...
 
-bench: ## benchmarks: tunnel vs raw TLS relay, CA enrollments/renewals, audit writes
+bench: ## benchmarks: tunnel vs raw TLS relay, CA enrollments/renewals, audit writes, pgbench direct / raw / audited PostgreSQL (needs PostgreSQL at 127.0.0.1:5432 and pgbench)
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./tunnel/ ./ca/ ./gateway/audit/
 	$(GO) run ./cmd/wicket-bench
 
