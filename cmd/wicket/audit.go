@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -145,34 +144,15 @@ func statementLogWhere(dir string, e *audit.StatementLogError) string {
 // sessionRecords returns the records of the main log at path whose session id is id.
 // Lines that do not mention the id are not decoded.
 func sessionRecords(path, id string) ([]audit.Record, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("read audit log: %w", err)
-	}
-	defer f.Close()
 	var out []audit.Record
-	in := bufio.NewReaderSize(f, audit.MaxRecordSize+1)
-	needle := []byte(`"session_id":"` + id + `"`)
-	for {
-		line, err := in.ReadSlice('\n')
-		for errors.Is(err, bufio.ErrBufferFull) { // an overlong line is not a record
-			_, err = in.ReadSlice('\n')
-			line = nil
-		}
-		if errors.Is(err, io.EOF) {
-			return out, nil
-		}
-		if err != nil {
-			return nil, fmt.Errorf("read audit log %s: %w", path, err)
-		}
-		if !bytes.Contains(line, needle) {
-			continue
-		}
+	err := audit.EachLine(path, []byte(`"session_id":"`+id+`"`), func(_ int, line []byte) error {
 		var r audit.Record
 		if json.Unmarshal(line, &r) == nil && r.SessionID == id {
 			out = append(out, r)
 		}
-	}
+		return nil
+	})
+	return out, err
 }
 
 // auditShow prints a session's records from the main log and its statements, reading

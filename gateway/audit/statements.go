@@ -1283,35 +1283,14 @@ func checkSeal(rel string, info StatementLogInfo, s sessionSeal) *StatementLogEr
 // that mention a statement log. Lines without the word "statements" are skipped before
 // decoding, so scanning a large log costs little more than reading it.
 func scanSessionSeals(auditPath string) (map[string]sessionSeal, error) {
-	f, err := os.Open(auditPath)
-	if err != nil {
-		return nil, fmt.Errorf("verify statement logs: %w", err)
-	}
-	defer f.Close()
 	out := map[string]sessionSeal{}
-	in := bufio.NewReaderSize(f, MaxRecordSize+1)
-	marker := []byte(`"statements`)
-	for no := 1; ; no++ {
-		line, err := in.ReadSlice('\n')
-		for errors.Is(err, bufio.ErrBufferFull) { // an overlong line: not a record
-			_, err = in.ReadSlice('\n')
-			line = nil
-		}
-		if errors.Is(err, io.EOF) {
-			return out, nil
-		}
-		if err != nil {
-			return nil, fmt.Errorf("read audit log %s: %w", auditPath, err)
-		}
-		if !bytes.Contains(line, marker) {
-			continue
-		}
+	err := EachLine(auditPath, []byte(`"statements`), func(no int, line []byte) error {
 		var rec chainFields
 		var id struct {
 			SessionID string `json:"session_id"`
 		}
 		if json.Unmarshal(line, &rec) != nil || json.Unmarshal(line, &id) != nil || id.SessionID == "" {
-			continue
+			return nil
 		}
 		s := out[id.SessionID]
 		switch rec.Type {
@@ -1324,8 +1303,45 @@ func scanSessionSeals(auditPath string) (map[string]sessionSeal, error) {
 				s.seal, s.sealed, s.endLine = seal, true, no
 			}
 		default:
-			continue
+			return nil
 		}
 		out[id.SessionID] = s
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("verify statement logs: %w", err)
+	}
+	return out, nil
+}
+
+// EachLine calls fn with every line (newline included) of the audit log at path that
+// contains needle, and its line number from 1, reading the file once in constant memory;
+// a line longer than MaxRecordSize is no record and is passed over. The line is valid
+// only during the call. An error of fn ends the scan and is returned.
+func EachLine(path string, needle []byte, fn func(no int, line []byte) error) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("read audit log: %w", err)
+	}
+	defer f.Close()
+	in := bufio.NewReaderSize(f, MaxRecordSize+1)
+	for no := 1; ; no++ {
+		line, err := in.ReadSlice('\n')
+		for errors.Is(err, bufio.ErrBufferFull) { // an overlong line: not a record
+			_, err = in.ReadSlice('\n')
+			line = nil
+		}
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read audit log %s: %w", path, err)
+		}
+		if !bytes.Contains(line, needle) {
+			continue
+		}
+		if err := fn(no, line); err != nil {
+			return err
+		}
 	}
 }
