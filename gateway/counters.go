@@ -45,6 +45,7 @@ type counters struct {
 	streamOpen histogram
 	certs      labelCounter // (kind, role)
 	acme       labelCounter // ACME server: (event, outcome)
+	statements labelCounter // PostgreSQL statements recorded: (resource, status)
 }
 
 func (c *counters) refusedInc(reason string) {
@@ -245,6 +246,9 @@ type Snapshot struct {
 	// validation_agent|validation_public|validation_direct ok|error, revoked ok, eab_key
 	// created, acme_host refused (an agent declared a name not granted to it).
 	ACMEServer map[[2]string]int64
+	// Statements counts the PostgreSQL statements written to statement logs, by (resource,
+	// status): ok, error, skipped, incomplete.
+	Statements map[[2]string]int64
 	// PublicACMEFailures counts failed attempts of the public listener to obtain or renew a
 	// certificate (zero without a public listener).
 	PublicACMEFailures uint64
@@ -268,6 +272,7 @@ func (g *Gateway) Snapshot() Snapshot {
 		Certificates:   map[CertCount]int64{},
 	}
 	s.ACMEServer = g.counters.acme.snapshot()
+	s.Statements = g.counters.statements.snapshot()
 	for k, n := range g.counters.certs.snapshot() {
 		s.Certificates[CertCount{Kind: k[0], Role: k[1]}] = n
 	}

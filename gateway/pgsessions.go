@@ -149,9 +149,13 @@ func (g *Gateway) servePostgres(p *peer, st *tunnel.Stream, base audit.Record, d
 	upBytes, downBytes, err := pgwire.Follow(g.bgCtx, userConn, agentConn, su, pgwire.Options{
 		Now: g.clock.Now,
 		OnStatement: func(s pgwire.Statement) error {
-			return stmts.Append(audit.Statement{Time: s.Start, Kind: s.Kind, SHA256: hex.EncodeToString(s.Hash[:]),
+			err := stmts.Append(audit.Statement{Time: s.Start, Kind: s.Kind, SHA256: hex.EncodeToString(s.Hash[:]),
 				Len: len(s.Text), Text: s.Text, Tag: s.Tag, Rows: s.Rows, SQLState: s.SQLState, Status: s.Status,
 				Duration: s.Duration})
+			if err == nil {
+				g.counters.statements.inc(base.Resource, s.Status)
+			}
+			return err
 		},
 		OnBackendKey: func(pid, secret uint32) (uint32, uint32) {
 			minted = &pgCancel{pid: pid, secret: secret, as: as, user: base.User, resource: base.Resource, session: base.SessionID}

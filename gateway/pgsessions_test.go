@@ -128,6 +128,9 @@ func TestPostgresSessionRecordsStatements(t *testing.T) {
 			t.Errorf("statement %d = %+v, want the hash of %q, tag %q, sqlstate %q and no text", i+1, stmts, w.text, w.tag, w.state)
 		}
 	}
+	if got := tg.Snapshot().Statements; got[[2]string{"pg", "ok"}] != 2 || got[[2]string{"pg", "error"}] != 1 {
+		t.Errorf("statements counted = %v, want 2 ok and 1 error on pg", got)
+	}
 	tg.waitAudit("the forwarded cancel", func(r audit.Record) bool {
 		return r.Type == audit.TypeStatementCancel && r.Outcome == audit.OutcomeOK && r.Extra["cancelled_session"] == ended.SessionID
 	})

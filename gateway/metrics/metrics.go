@@ -49,6 +49,7 @@ const (
 	AuditWritable           = "wicket_audit_writable"
 	AgentClaimsRefusedTotal = "wicket_agent_claims_refused_total"
 	ACMEServerEventsTotal   = "wicket_acme_server_events_total"
+	StatementsTotal         = "wicket_statements_total"
 )
 
 // collector turns a gateway Snapshot into metrics at each scrape.
@@ -59,7 +60,7 @@ type collector struct {
 	handshakes, handshakesRefused, certificates, gatewayExpiry, agentExpiry *prometheus.Desc
 	acmeFailures, agentSessions, userConnections, sessionsClosed            *prometheus.Desc
 	auditFailures, auditWritable, claimsRefused                             *prometheus.Desc
-	acmeServer                                                              *prometheus.Desc
+	acmeServer, statements                                                  *prometheus.Desc
 }
 
 // NewCollector returns a prometheus.Collector exporting src's Snapshot.
@@ -101,6 +102,9 @@ func NewCollector(src Source) prometheus.Collector {
 		acmeServer: d(ACMEServerEventsTotal, "Events of the ACME server for internal names, by event (order, "+
 			"validation_agent, validation_public, validation_direct, revoked, eab_key, acme_host) and outcome "+
 			"(created, refused, error, ok); issuances are in "+CertificatesTotal+"{role=\"server\"}.", "event", "outcome"),
+		statements: d(StatementsTotal, "PostgreSQL statements written to the sessions' statement logs, by "+
+			"resource and status (ok, error, skipped: not run after an earlier error in its pipeline, "+
+			"incomplete: the session ended first).", "resource", "status"),
 		auditWritable: d(AuditWritable, "1 while the audit log can be written, 0 while it cannot (access-creating "+
 			"events are refused meanwhile, and /readyz reports the audit check)."),
 	}
@@ -109,7 +113,7 @@ func NewCollector(src Source) prometheus.Collector {
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.agentsConnected, c.sessionsActive, c.sessionsTotal, c.streamBytes,
 		c.streamOpen, c.handshakes, c.handshakesRefused, c.certificates, c.gatewayExpiry, c.agentExpiry,
-		c.acmeFailures, c.agentSessions, c.userConnections, c.sessionsClosed, c.auditFailures, c.auditWritable, c.claimsRefused, c.acmeServer} {
+		c.acmeFailures, c.agentSessions, c.userConnections, c.sessionsClosed, c.auditFailures, c.auditWritable, c.claimsRefused, c.acmeServer, c.statements} {
 		ch <- d
 	}
 }
@@ -166,6 +170,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.claimsRefused, float64(s.ClaimsRefused))
 	for k, n := range s.ACMEServer {
 		counter(c.acmeServer, float64(n), k[0], k[1])
+	}
+	for k, n := range s.Statements {
+		counter(c.statements, float64(n), k[0], k[1])
 	}
 	writable := 0.0
 	if s.AuditWritable {

@@ -45,6 +45,7 @@ func TestCollectorExportsSnapshot(t *testing.T) {
 		AgentCerts:         []gateway.AgentExpiry{{Agent: "db1", Expires: now.Add(10 * time.Minute)}},
 		AuditWriteFailures: 5,
 		ACMEServer:         map[[2]string]int64{{"validation_agent", "ok"}: 6},
+		Statements:         map[[2]string]int64{{"pg", "skipped"}: 7},
 	}}
 	reg := NewRegistry(src)
 	for name, want := range map[string]float64{
@@ -58,6 +59,7 @@ func TestCollectorExportsSnapshot(t *testing.T) {
 		`wicket_audit_write_failures_total`:                                      5,
 		`wicket_audit_writable`:                                                  0,
 		`wicket_acme_server_events_total{event="validation_agent",outcome="ok"}`: 6,
+		`wicket_statements_total{resource="pg",status="skipped"}`:                7,
 	} {
 		got, ok := scrapeValue(t, reg, name)
 		if !ok || got != want {
