@@ -158,6 +158,10 @@ func (g *Gateway) servePostgres(p *peer, st *tunnel.Stream, base audit.Record, d
 			return err
 		},
 		OnBackendKey: func(pid, secret uint32) (uint32, uint32) {
+			if minted != nil {
+				// A server sends one key; a hostile one sending more must not grow the table.
+				g.pgCancels.drop(minted)
+			}
 			minted = &pgCancel{pid: pid, secret: secret, as: as, user: base.User, resource: base.Resource, session: base.SessionID}
 			return g.pgCancels.mint(minted)
 		},

@@ -227,3 +227,65 @@ func TestPostgresProtocolViolationIsAudited(t *testing.T) {
 		return r.Type == audit.TypeSessionDenied && r.Outcome == audit.OutcomeDenied && strings.Contains(r.Reason, "PostgreSQL protocol")
 	})
 }
+
+// TestPostgresHostileServerKeys: a server (a compromised agent plays it) that sends a
+// thousand BackendKeyData messages leaves one cancel key in the gateway's table, not a
+// thousand.
+func TestPostgresHostileServerKeys(t *testing.T) {
+	checkLeaks(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		var n [4]byte
+		if _, err := io.ReadFull(c, n[:]); err != nil {
+			return
+		}
+		if _, err := io.CopyN(io.Discard, c, int64(n[0])<<24|int64(n[1])<<16|int64(n[2])<<8|int64(n[3])-4); err != nil {
+			return
+		}
+		out := []byte{'R', 0, 0, 0, 8, 0, 0, 0, 0} // AuthenticationOk
+		for i := 0; i < 1000; i++ {
+			out = append(out, 'K', 0, 0, 0, 12, 0, 0, byte(i>>8), byte(i), 1, 2, 3, 4)
+		}
+		out = append(out, 'Z', 0, 0, 0, 5, 'I')
+		c.Write(out)
+		io.Copy(io.Discard, c) // until the client goes
+	}()
+	tg := startGateway(t, func(c *Config) { c.PostgresResources = []string{"pg"} })
+	tg.mustAgent("db1", map[string]string{"pg": ln.Addr().String()})
+	st, err := openStream(tg.dialUser("alice"), "pg")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = st.SetDeadline(time.Now().Add(10 * time.Second))
+	msg, _ := (&pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersionNumber,
+		Parameters: map[string]string{"user": "postgres"}}).Encode(nil)
+	st.Write(msg)
+	var got bytes.Buffer
+	buf := make([]byte, 4096)
+	for !bytes.HasSuffix(got.Bytes(), []byte{'Z', 0, 0, 0, 5, 'I'}) {
+		n, err := st.Read(buf)
+		if err != nil {
+			t.Fatalf("no ReadyForQuery: %v", err)
+		}
+		got.Write(buf[:n])
+	}
+	tg.pgCancels.mu.Lock()
+	keys := len(tg.pgCancels.m)
+	tg.pgCancels.mu.Unlock()
+	if keys != 1 {
+		t.Fatalf("%d cancel keys held for one session, want 1", keys)
+	}
+	st.Close()
+	<-served
+}
