@@ -40,7 +40,8 @@
 // until decoded: from the client Query, Parse, Execute, Describe, Close,
 // Sync, Flush, Terminate; from the server CommandComplete, ErrorResponse,
 // ReadyForQuery, BackendKeyData and the empty acknowledgements. Each is
-// capped by [Options.MaxMessage] (64 MiB by default). Everything else —
+// capped by [Options.MaxMessage] (64 MiB by default; the server's, which a
+// compromised agent could inflate, by 1 MiB). Everything else —
 // DataRow, CopyData, RowDescription, notices, authentication — streams
 // through as it arrives, so a result of any size uses the relay's buffer
 // only. Of a Bind, only the first 4096 bytes are kept (its portal and

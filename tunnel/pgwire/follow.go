@@ -66,7 +66,8 @@ type Options struct {
 	// caller, which maps it). nil: the key passes unchanged.
 	OnBackendKey func(pid, secret uint32) (uint32, uint32)
 	// MaxMessage caps the length of one client message, and of one server
-	// message of a kind Follow decodes (CommandComplete, ErrorResponse, ...);
+	// message of a kind Follow decodes (CommandComplete, ErrorResponse, ...:
+	// those at most 1 MiB whatever MaxMessage says);
 	// over it the session ends as a protocol violation. DataRow and CopyData
 	// from the server are streamed and have no cap. Default DefaultMaxMessage.
 	MaxMessage int
@@ -483,11 +484,26 @@ func (t *tap) check(typ byte, length uint32) (class, error) {
 		return invalid, violation("%s sent a message of unknown type %q", t.side(), typ)
 	case length < 4 || length > math.MaxInt32:
 		return invalid, violation("%s sent a %q message with the impossible length %d", t.side(), typ, length)
-	case (!t.toClient || cls == hold) && int64(length)-4 > int64(t.f.o.MaxMessage):
-		return invalid, violation("%s sent a %q message of %d bytes, over the limit of %d", t.side(), typ, length-4, t.f.o.MaxMessage)
+	case (!t.toClient || cls == hold) && int64(length)-4 > int64(t.limit()):
+		return invalid, violation("%s sent a %q message of %d bytes, over the limit of %d", t.side(), typ, length-4, t.limit())
 	}
 	return cls, nil
 }
+
+// limit is the longest message body this side may send of a kind that is checked: any
+// client message, and the server messages Follow decodes, which are held whole until
+// decoded. The server's are capped lower: PostgreSQL's own CommandComplete, ErrorResponse
+// and the like are at most a few KiB, and the server side is the one a compromised agent
+// plays, so it must not make the gateway hold 64 MiB per session.
+func (t *tap) limit() int {
+	if t.toClient {
+		return min(t.f.o.MaxMessage, maxServerHeld)
+	}
+	return t.f.o.MaxMessage
+}
+
+// maxServerHeld caps a server message that Follow holds to decode.
+const maxServerHeld = 1 << 20
 
 func (t *tap) prefixWanted(typ byte, body int) int {
 	switch {

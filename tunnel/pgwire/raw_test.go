@@ -300,13 +300,17 @@ func TestFollowHostileServer(t *testing.T) {
 		name   string
 		script []byte
 		want   string
+		max    int // Options.MaxMessage; 0: 1 MiB
 	}{
-		{"unknown type", append(append([]byte{}, ready...), 'q', 0, 0, 0, 4), "unknown type"},
-		{"decoded message over the cap", append(append([]byte{}, ready...), 'C', 0x40, 0, 0, 0), "over the limit"},
-		{"impossible length", append(append([]byte{}, ready...), 'D', 0xff, 0xff, 0xff, 0xff), "impossible length"},
-		{"undecodable key", append(append([]byte{}, ready...), 'K', 0, 0, 0, 8, 1, 2, 3, 4), "does not decode"},
-		{"undecodable ready", append(append([]byte{}, ready...), 'Z', 0, 0, 0, 7, 'I', 'I', 'I'), "does not decode"},
-		{"garbage", append(append([]byte{}, ready...), []byte("\x00\x01garbage from a compromised agent")...), "database server"},
+		// With the default MaxMessage of 64 MiB, the server's decoded messages stay capped
+		// at 1 MiB: a compromised agent cannot make the gateway hold 64 MiB per session.
+		{"error response over 1 MiB", append(append([]byte{}, ready...), 'E', 0, 0x20, 0, 5), "over the limit of 1048576", DefaultMaxMessage},
+		{"unknown type", append(append([]byte{}, ready...), 'q', 0, 0, 0, 4), "unknown type", 0},
+		{"decoded message over the cap", append(append([]byte{}, ready...), 'C', 0x40, 0, 0, 0), "over the limit", 0},
+		{"impossible length", append(append([]byte{}, ready...), 'D', 0xff, 0xff, 0xff, 0xff), "impossible length", 0},
+		{"undecodable key", append(append([]byte{}, ready...), 'K', 0, 0, 0, 8, 1, 2, 3, 4), "does not decode", 0},
+		{"undecodable ready", append(append([]byte{}, ready...), 'Z', 0, 0, 0, 7, 'I', 'I', 'I'), "does not decode", 0},
+		{"garbage", append(append([]byte{}, ready...), []byte("\x00\x01garbage from a compromised agent")...), "database server", 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			leakCheck(t)
@@ -314,6 +318,9 @@ func TestFollowHostileServer(t *testing.T) {
 			p := startProxy(t, func(p *followProxy) {
 				p.dial = dial
 				p.opts.MaxMessage = 1 << 20
+				if tc.max != 0 {
+					p.opts.MaxMessage = tc.max
+				}
 			})
 			r := dialRaw(t, p)
 			r.login()
