@@ -78,16 +78,16 @@ func (g *Gateway) servePostgres(p *peer, st *tunnel.Stream, base audit.Record, d
 		g.counters.streamInc("error")
 		return
 	}
-	// refuse ends the session before it started: the client reads why, the log says so.
-	refuse := func(code, kind, agent, reason string) {
-		writeClient(st, pgwire.ErrorMessage(code, reason))
-		status := tunnel.StatusUnavailable
-		if kind == "protocol violation" {
-			status = tunnel.StatusRefused
-		}
+	// deny records a session refused before it started; refuse also tells the client why,
+	// as a PostgreSQL error with SQLSTATE code. status says how it counts (see denied).
+	deny := func(status tunnel.Status, kind, agent, reason string) {
 		r := base
 		r.Extra = map[string]string{"protocol": tunnel.ProtocolPostgres}
 		g.denied(p, r, status, kind, agent, reason)
+	}
+	refuse := func(code string, status tunnel.Status, kind, agent, reason string) {
+		writeClient(st, pgwire.ErrorMessage(code, reason))
+		deny(status, kind, agent, reason)
 	}
 	_ = st.SetReadDeadline(time.Now().Add(pgHandshakeTimeout)) // a real deadline, not the injectable clock
 	su, err := pgwire.ReadStartup(st)
@@ -96,10 +96,10 @@ func (g *Gateway) servePostgres(p *peer, st *tunnel.Stream, base audit.Record, d
 		reason := "the client broke the PostgreSQL protocol in its startup: " + err.Error()
 		if errors.Is(err, pgwire.ErrDirectTLS) {
 			// ReadStartup has answered with a TLS alert; an ErrorResponse would be noise.
-			g.denied(p, base, tunnel.StatusRefused, "protocol violation", "", reason+"; connect with sslmode=disable or prefer: the tunnel is the encryption")
+			deny(tunnel.StatusRefused, "protocol violation", "", reason+"; connect with sslmode=disable or prefer: the tunnel is the encryption")
 			return
 		}
-		refuse("08P01", "protocol violation", "", reason)
+		refuse("08P01", tunnel.StatusRefused, "protocol violation", "", reason)
 		return
 	}
 	if su.Cancel != nil {
@@ -109,8 +109,8 @@ func (g *Gateway) servePostgres(p *peer, st *tunnel.Stream, base audit.Record, d
 
 	as, up, err := g.openToAgent(g.bgCtx, base.Resource, base.SessionID)
 	if err != nil {
-		_, kind, agent, reason := openRefusal(as, err)
-		refuse("08006", kind, agent, reason)
+		status, kind, agent, reason := openRefusal(as, err)
+		refuse("08006", status, kind, agent, reason)
 		return
 	}
 	defer up.Close()
@@ -121,7 +121,7 @@ func (g *Gateway) servePostgres(p *peer, st *tunnel.Stream, base audit.Record, d
 	}, audit.StatementLogOptions{Now: g.clock.Now, NoSync: auditNoSyncForTests})
 	if err != nil {
 		g.log.Error("cannot open a statement log: refusing the PostgreSQL session", "session", base.SessionID, "err", err)
-		refuse("58030", "audit unavailable", as.name, "the gateway cannot open the session's statement log, so the session is refused; tell the gateway's administrator")
+		refuse("58030", tunnel.StatusUnavailable, "audit unavailable", as.name, "the gateway cannot open the session's statement log, so the session is refused; tell the gateway's administrator")
 		return
 	}
 	r := base
@@ -135,9 +135,7 @@ func (g *Gateway) servePostgres(p *peer, st *tunnel.Stream, base audit.Record, d
 		_, _ = stmts.Close()
 		_ = os.Remove(stmts.Path())
 		writeClient(st, pgwire.ErrorMessage("58030", sessionRefusal))
-		g.counters.streamInc("audit unavailable")
-		g.log.Warn("session refused: the audit log cannot be written", "user", base.User, "resource", base.Resource,
-			"session", base.SessionID, "remote", p.remote, "err", err)
+		g.unaudited(p, base.Resource, base.SessionID, err)
 		return
 	}
 	g.log.Info("session started", "user", base.User, "resource", base.Resource, "agent", as.name, "session", base.SessionID,
@@ -260,7 +258,11 @@ func (g *Gateway) cancelStatement(p *peer, base audit.Record, req *pgproto3.Canc
 		r.Outcome, r.Reason = audit.OutcomeError, err.Error()
 	}
 	g.record(r)
-	g.counters.streamInc(map[bool]string{true: "ok", false: "error"}[err == nil])
+	if err != nil {
+		g.counters.streamInc("error")
+	} else {
+		g.counters.streamInc("ok")
+	}
 	g.log.Info("cancel request forwarded", "user", base.User, "resource", base.Resource, "agent", c.as.name,
 		"cancelled_session", c.session, "err", err)
 }

@@ -286,6 +286,12 @@ func openRefusal(as *agentSession, err error) (status tunnel.Status, kind, agent
 // sentence `wicket connect` shows. The audit log counts it as refused.
 func (g *Gateway) refuseUnaudited(st *tunnel.Stream, p *peer, resource, id string, err error) {
 	_ = st.Reply(tunnel.StatusUnavailable, sessionRefusal)
+	g.unaudited(p, resource, id, err)
+}
+
+// unaudited counts and logs a session refused because its start could not be recorded;
+// the caller has told the user (sessionRefusal).
+func (g *Gateway) unaudited(p *peer, resource, id string, err error) {
 	g.counters.streamInc("audit unavailable")
 	g.log.Warn("session refused: the audit log cannot be written", "user", p.ident.Name, "resource", resource,
 		"session", id, "remote", p.remote, "err", err)

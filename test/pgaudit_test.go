@@ -133,6 +133,9 @@ func findStatement(t *testing.T, stmts []pgStatement, text string) pgStatement {
 	return pgStatement{}
 }
 
+// paramValue is a Bind parameter the statement audit must never record.
+const paramValue = "wicket-param-value-7f3a9c"
+
 // TestPostgresStatementAudit runs psql and pgx through `wicket connect` to a postgres://
 // resource whose agent speaks TLS to the database, and checks each statement's record, the
 // cancel path, the seal and `wicket audit verify` finding an edited statement line.
@@ -181,7 +184,7 @@ func TestPostgresStatementAudit(t *testing.T) {
 		t.Fatalf("prepared select: %d, %v", n, err)
 	}
 	b := &pgx.Batch{}
-	b.Queue("update "+table+" set name = $1 where id = $2", "z", 1)
+	b.Queue("update "+table+" set name = $1 where id = $2", paramValue, 1)
 	b.Queue("select 1 / $1::int", 0)
 	b.Queue("delete from "+table+" where id = $1", 5)
 	br := conn.SendBatch(ctx, b)
@@ -272,10 +275,19 @@ func TestPostgresStatementAudit(t *testing.T) {
 	if s := findStatement(t, all, "select pg_sleep(60)"); s.SQLState != "57014" {
 		t.Errorf("cancelled statement: %+v", s)
 	}
-	for _, s := range all {
-		if strings.Contains(s.Text, `"z"`) || strings.Contains(fmt.Sprint(s), "{z}") {
-			t.Errorf("a parameter value was recorded: %+v", s)
+	// Nothing the gateway wrote holds a parameter value, though this resource records texts.
+	err = filepath.WalkDir(gw.DataDir, func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || (filepath.Ext(path) != ".log" && filepath.Base(path) != "audit.log") {
+			return err
 		}
+		data, err := os.ReadFile(path)
+		if err == nil && bytes.Contains(data, []byte(paramValue)) {
+			t.Errorf("%s holds the parameter value of the batched update", path)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 
 	// show prints a session's statements; verify checks the logs and finds an edit.

@@ -122,6 +122,9 @@ func newTracker(now func() time.Time, maxQueue int, maxBytes int64) *tracker {
 	}
 }
 
+// emptyHash is the command hash of a FunctionCall, which has no text.
+var emptyHash = sha256.Sum256(nil)
+
 func hashText(s string) prepared { return prepared{text: s, hash: sha256.Sum256([]byte(s))} }
 
 // push queues a client request; it fails when a bound would be exceeded.
@@ -211,23 +214,14 @@ func (t *tracker) deleteStmt(name string) {
 // statement builds the record of a finished Q, E or F.
 func (t *tracker) statement(p *pending, status string) Statement {
 	s := Statement{
-		Start: p.start, Duration: t.now().Sub(p.start),
+		Start: p.start, Duration: t.now().Sub(p.start), Kind: KindExtended, Text: p.text.text, Hash: p.text.hash,
 		Tag: strings.Join(p.tags, "; "), Rows: p.rows, SQLState: p.sqlstate, Status: status,
 	}
 	switch p.op {
 	case 'Q':
 		s.Kind = KindSimple
-		s.Text, s.Hash = p.text.text, p.text.hash
-	case 'E':
-		s.Kind = KindExtended
-		s.Text, s.Hash = p.text.text, p.text.hash
 	case 'F':
-		s.Kind = KindFunction
-		s.FunctionOID = p.oid
-		s.Hash = sha256.Sum256(nil)
-	case 'P', 'B':
-		s.Kind = KindExtended
-		s.Text, s.Hash = p.text.text, p.text.hash
+		s.Kind, s.FunctionOID, s.Text, s.Hash = KindFunction, p.oid, "", emptyHash
 	}
 	if p.copy {
 		s.Kind = KindCopy
@@ -291,8 +285,7 @@ func (t *tracker) commandComplete(tag string) []Statement {
 		p.addTag(tag)
 		return nil
 	case 'E':
-		t.pop()
-		t.resolve(p)
+		t.takeExecute()
 		p.addTag(tag)
 		return []Statement{t.statement(p, StatusOK)}
 	}
@@ -302,9 +295,7 @@ func (t *tracker) commandComplete(tag string) []Statement {
 func (t *tracker) emptyQuery() []Statement {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if p := t.head(); p != nil && p.op == 'E' {
-		t.pop()
-		t.resolve(p)
+	if p := t.takeExecute(); p != nil {
 		return []Statement{t.statement(p, StatusOK)}
 	}
 	return nil
@@ -314,13 +305,22 @@ func (t *tracker) emptyQuery() []Statement {
 func (t *tracker) portalSuspended(rows int64) []Statement {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if p := t.head(); p != nil && p.op == 'E' {
-		t.pop()
-		t.resolve(p)
+	if p := t.takeExecute(); p != nil {
 		p.rows = rows
 		return []Statement{t.statement(p, StatusOK)}
 	}
 	return nil
+}
+
+// takeExecute pops the head request if it is an Execute, the one the server's answer
+// completes, and resolves its text; nil when the head is something else.
+func (t *tracker) takeExecute() *pending {
+	if p := t.head(); p == nil || p.op != 'E' {
+		return nil
+	}
+	p := t.pop()
+	t.resolve(p)
+	return p
 }
 
 func (t *tracker) errorResponse(code string) []Statement {
@@ -337,8 +337,7 @@ func (t *tracker) errorResponse(code string) []Statement {
 		}
 		return nil
 	case 'E':
-		t.pop()
-		t.resolve(p)
+		t.takeExecute()
 		p.sqlstate = code
 		return []Statement{t.statement(p, StatusError)}
 	case 'P', 'B', 'D', 'C':
